@@ -389,16 +389,20 @@ class MAEModel(nn.Module):
             raise ValueError(f"got {tuple(x.shape[2:])} pixels; the model was trained on {enc.img_size}x"
                              f"{enc.img_size} crops and its positions are only valid there: crop or tile first")
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The official input normalization, on the model's device: raw pixels -> float32 standardized."""
+        return normalize_images(x.to(self.device, non_blocking=True))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Raw pixels [B, C, H, W] (uint8 or 0..255) -> encoder tokens [B, 1 + C*T, D], cls first, no final norm."""
         self.check_images(x)
-        return self.encoder.vit_backbone.forward_features(normalize_images(x))
+        return self.encoder.vit_backbone.forward_features(self.normalize(x))
 
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Raw pixels -> every encoder block's output tokens, a list of depth x [B, 1 + C*T, D]."""
         self.check_images(x)
         vit = self.encoder.vit_backbone
-        return vit.run_blocks(vit.with_cls(vit.embed(normalize_images(x))), collect=True)[1]
+        return vit.run_blocks(vit.with_cls(vit.embed(self.normalize(x))), collect=True)[1]
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = True, pool: str = "avg") -> torch.Tensor:
         """Pool encoder tokens [B, 1 + C*T, D].
@@ -424,7 +428,6 @@ class MAEModel(nn.Module):
         """The model card's embedding: uint8 [B, C, H, W] -> [B, D], or [B, D*C] when
         `self.return_channelwise_embeddings` is set. Runs without autograd; call `.eval()` first (from_pretrained
         already returns the model in eval mode)."""
-        x = x.to(self.device)
         pool = "channelwise" if self.return_channelwise_embeddings else "avg"
         return self.forward_head(self.forward_features(x), pre_logits=True, pool=pool)
 
@@ -435,8 +438,7 @@ class MAEModel(nn.Module):
         in self-standardized units, mask [B, M*T] with 1 = masked). Noise is one `torch.rand(B, L)` draw unless
         `constant_noise` is given, as in the official code."""
         L = self._check_mae_input(x)
-        len_keep = int(L * (1 - self.mask_ratio))
-        return self._reconstruct(x, len_keep, constant_noise)
+        return self._reconstruct(self.normalize(x), int(L * (1 - self.mask_ratio)), constant_noise)
 
     def _check_mae_input(self, x: torch.Tensor) -> int:
         self.check_images(x)
@@ -445,9 +447,11 @@ class MAEModel(nn.Module):
             raise ValueError(f"the MAE decoder has exactly {M} channel slots; got {x.shape[1]} channels")
         return M * self.config.decoder.tokens_per_modality
 
-    def _reconstruct(self, x: torch.Tensor, len_keep: int, noise: torch.Tensor | None):
+    def _reconstruct(self, xn: torch.Tensor, len_keep: int, noise: torch.Tensor | None):
+        """Normalized images [B, M, H, W] -> (latent, reconstruction, mask), keeping the len_keep lowest-noise
+        tokens."""
         vit = self.encoder.vit_backbone
-        body = vit.embed(normalize_images(x))  # [B, L, D]
+        body = vit.embed(xn)  # [B, L, D]
         if noise is None:
             noise = torch.rand(body.shape[:2], device=body.device)
         kept, mask, restore = mask_tokens(body, noise.to(body.device), len_keep)
@@ -462,11 +466,13 @@ class MAEModel(nn.Module):
     def forward_loss(self, x: torch.Tensor, constant_noise: torch.Tensor | None = None):
         """MAE training step: images -> (loss, reconstruction, mask), loss per the config's Fourier settings."""
         L = self._check_mae_input(x)
-        if int(L * (1 - self.mask_ratio)) >= L:
+        len_keep = int(L * (1 - self.mask_ratio))
+        if len_keep >= L:
             raise ValueError(f"mask_ratio={self.mask_ratio} masks no token, so the MAE loss is undefined (NaN in the "
                              "official code); the published config has 0.0: set mask_ratio to e.g. 0.75 to train")
-        _, recon, mask = self(x, constant_noise)
-        target = patchify(normalize_images(x), self.config.encoder.patch_size)
+        xn = self.normalize(x)
+        _, recon, mask = self._reconstruct(xn, len_keep, constant_noise)
+        target = patchify(xn, self.config.encoder.patch_size)
         loss = mae_loss(recon, target, mask, self.config.fourier_loss_weight, self.config.mask_fourier_loss)
         return loss, recon, mask
 
@@ -484,6 +490,6 @@ class MAEModel(nn.Module):
         noise = torch.arange(L, dtype=torch.float32).repeat(x.shape[0], 1)  # tie-free, kept tokens lowest
         for c in missing:
             noise[:, c * T:(c + 1) * T] += L
-        _, recon, _ = self._reconstruct(x.to(self.device), L - len(missing) * T, noise)
+        _, recon, _ = self._reconstruct(self.normalize(x), L - len(missing) * T, noise)
         images = unpatchify(recon.float(), self.config.encoder.patch_size, M)
         return images[:, missing]
