@@ -340,7 +340,7 @@ class MAEModel(nn.Module):
     def _init_weights(self) -> None:
         """Fresh weights as the official construction draws them (timm ViT init, or MAE's xavier init)."""
         std = 0.02
-        for name, module in self.named_modules():
+        for module in self.modules():
             if isinstance(module, nn.Linear):
                 if self.config.use_MAE_weight_init:
                     nn.init.xavier_uniform_(module.weight)

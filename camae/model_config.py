@@ -212,9 +212,11 @@ def _backbone_kwargs(backbone: dict) -> dict:
 
 def _backbone_json(cfg: EncoderConfig, previous: dict) -> dict:
     """timm constructor name + only the overrides that differ from its defaults (so the full model writes none)."""
-    name = next((n for n, v in BACKBONES.items() if v[3] == cfg.patch_size and v[0] == cfg.embed_dim),
-                f"vit_small_patch{cfg.patch_size}_256")
-    base = dict(zip(("embed_dim", "depth", "num_heads"), BACKBONES.get(name, BACKBONES["vit_small_patch16_256"])))
+    candidates = [n for n, v in BACKBONES.items() if v[3] == cfg.patch_size]
+    if not candidates:
+        raise ConfigError(f"encoder.patch_size={cfg.patch_size} has no OpenPhenom backbone; use 8 or 16")
+    name = next((n for n in candidates if BACKBONES[n][0] == cfg.embed_dim), candidates[0])
+    base = dict(zip(("embed_dim", "depth", "num_heads"), BACKBONES[name][:3], strict=True))
     base |= {"mlp_ratio": 4.0, "init_values": 1e-4, "drop_path_rate": 0.1}
     out = {"_target_": f"vit.{name}", "global_pool": previous.get("global_pool", "avg")}
     return out | {k: _plain_number(getattr(cfg, k)) for k in BACKBONE_OVERRIDES if getattr(cfg, k) != base[k]}

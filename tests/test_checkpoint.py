@@ -151,7 +151,8 @@ def test_pickled_code_is_never_run(tiny_dir, tmp_path, capsys):
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda s: s.pop("decoder_pred.bias"), "1 missing: decoder_pred.bias"),
     (lambda s: s.update({"head.weight": torch.zeros(3, 32)}), "1 unexpected: head.weight"),
-    (lambda s: s.update({"decoder_pred.bias": torch.zeros(7)}), r"decoder_pred.bias: checkpoint \[7\] vs model \[256\]"),
+    (lambda s: s.update({"decoder_pred.bias": torch.zeros(7)}),
+     r"decoder_pred.bias: checkpoint \[7\] vs model \[256\]"),
 ])
 def test_key_and_shape_mismatches_are_listed(tiny_dir, tmp_path, edit, message):
     ckpt = _copy(tiny_dir, tmp_path)

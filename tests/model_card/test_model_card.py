@@ -12,7 +12,7 @@ huggingface_openphenom_model_dir = MODEL_DIR  # camae: was "." (the downloaded h
 
 @pytest.fixture
 def huggingface_model():
-    # Make sure you have the model/config downloaded from https://huggingface.co/recursionpharma/test-pb-model to this directory
+    # Make sure you have the model/config downloaded from https://huggingface.co/recursionpharma/test-pb-model to this directory  # noqa: E501
     # huggingface-cli download recursionpharma/test-pb-model --local-dir=.
     huggingface_model = MAEModel.from_pretrained(huggingface_openphenom_model_dir)
     huggingface_model.eval()
