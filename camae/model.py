@@ -111,12 +111,13 @@ class ChannelAgnosticPatchEmbed(nn.Module):
 
 
 class ParallelScalingBlock(nn.Module):
-    """timm's ParallelScalingBlock (ViT-22B style) with the trained bias routing, independent of the timm version.
+    """timm's ParallelScalingBlock (ViT-22B style) with the trained bias routing, whatever timm is installed.
 
-    One fused `in_proj` (no bias) gives [mlp hidden h | q D | k D | v D]. The one bias vector `mlp_bias` [h] is
-    added as timm <= 1.0.24 did (the numerics OpenPhenom was trained with): `cat(zeros(3D), mlp_bias)` over the
-    whole output, so it lands on the last D of the hidden units and on q, k, v. `bias_routing="modern"` gives
-    timm >= 1.0.25's `hidden + mlp_bias`. `in_proj` is always called as a module, so LoRA on it takes effect.
+    One fused `in_proj` (no bias) gives z = [mlp hidden h | q D | k D | v D]. timm <= 1.0.24 (the numerics
+    OpenPhenom was trained and exported with) added `cat(zeros(3D), mlp_bias)` to z, so the single bias vector
+    `mlp_bias` [h] lands on z[..., 3D:]: the last D hidden units and q, k, v. timm >= 1.0.25 adds it to the
+    hidden units, z[..., :h] ("modern"). Either way it is one in-place add on a contiguous slice.
+    `in_proj` is always called as a module, so LoRA on it takes effect.
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, init_values: float | None,
@@ -124,7 +125,7 @@ class ParallelScalingBlock(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.mlp_hidden = int(dim * mlp_ratio)
-        self.legacy_bias = bias_routing == "legacy"
+        self.bias_offset = 3 * dim if bias_routing == "legacy" else 0
         self.mlp_bias = nn.Parameter(torch.zeros(self.mlp_hidden))
         self.in_norm = nn.LayerNorm(dim, eps=1e-6)
         self.in_proj = nn.Linear(dim, self.mlp_hidden + 3 * dim, bias=False)
@@ -135,14 +136,10 @@ class ParallelScalingBlock(nn.Module):
         self.ls = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def fused_bias(self) -> torch.Tensor:
-        """The bias added to `in_proj`'s output [h + 3D], per the configured routing."""
-        zeros = self.mlp_bias.new_zeros(self.in_proj.out_features - self.mlp_hidden)
-        return torch.cat([zeros, self.mlp_bias] if self.legacy_bias else [self.mlp_bias, zeros])
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
-        z = self.in_proj(self.in_norm(x)) + self.fused_bias()  # [B, N, h + 3D]
+        z = self.in_proj(self.in_norm(x))  # [B, N, h + 3D]
+        z[..., self.bias_offset:self.bias_offset + self.mlp_hidden] += self.mlp_bias  # the routing, see above
         u, q, k, v = torch.split(z, [self.mlp_hidden, D, D, D], dim=-1)
         q = self.q_norm(q.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)  # [B, H, N, hd]
         k = self.k_norm(k.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)
