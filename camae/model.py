@@ -110,14 +110,22 @@ class ChannelAgnosticPatchEmbed(nn.Module):
         return x.reshape(B, C * x.shape[1], x.shape[2])
 
 
+class FusedProjection(nn.Linear):
+    """`in_proj`: an nn.Linear without a bias of its own, whose bias is passed in at call time. It keeps the bias
+    inside the matmul (what legacy timm did for speed) while staying a module that LoRA can wrap: peft's LoRA
+    layer hands extra call arguments through to the layer it wraps."""
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, self.weight, bias)
+
+
 class ParallelScalingBlock(nn.Module):
     """timm's ParallelScalingBlock (ViT-22B style) with the trained bias routing, whatever timm is installed.
 
     One fused `in_proj` (no bias) gives z = [mlp hidden h | q D | k D | v D]. timm <= 1.0.24 (the numerics
-    OpenPhenom was trained and exported with) added `cat(zeros(3D), mlp_bias)` to z, so the single bias vector
-    `mlp_bias` [h] lands on z[..., 3D:]: the last D hidden units and q, k, v. timm >= 1.0.25 adds it to the
-    hidden units, z[..., :h] ("modern"). Either way it is one in-place add on a contiguous slice.
-    `in_proj` is always called as a module, so LoRA on it takes effect.
+    OpenPhenom was trained and exported with) passed `cat(zeros(3D), mlp_bias)` as the bias of that projection,
+    so the single bias vector `mlp_bias` [h] lands on z[..., 3D:]: the last D hidden units and q, k, v (before
+    the q/k norms). timm >= 1.0.25 adds it to the hidden units only, `cat(mlp_bias, zeros(3D))` ("modern").
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, init_values: float | None,
@@ -125,10 +133,10 @@ class ParallelScalingBlock(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.mlp_hidden = int(dim * mlp_ratio)
-        self.bias_offset = 3 * dim if bias_routing == "legacy" else 0
+        self.legacy_bias = bias_routing == "legacy"
         self.mlp_bias = nn.Parameter(torch.zeros(self.mlp_hidden))
         self.in_norm = nn.LayerNorm(dim, eps=1e-6)
-        self.in_proj = nn.Linear(dim, self.mlp_hidden + 3 * dim, bias=False)
+        self.in_proj = FusedProjection(dim, self.mlp_hidden + 3 * dim, bias=False)
         self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.attn_out_proj = nn.Linear(dim, dim)
@@ -136,10 +144,14 @@ class ParallelScalingBlock(nn.Module):
         self.ls = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
+    def fused_bias(self) -> torch.Tensor:
+        """The bias of `in_proj`'s output [h + 3D], per the configured routing."""
+        zeros = self.mlp_bias.new_zeros(self.in_proj.out_features - self.mlp_hidden)
+        return torch.cat([zeros, self.mlp_bias] if self.legacy_bias else [self.mlp_bias, zeros])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
-        z = self.in_proj(self.in_norm(x))  # [B, N, h + 3D]
-        z[..., self.bias_offset:self.bias_offset + self.mlp_hidden] += self.mlp_bias  # the routing, see above
+        z = self.in_proj(self.in_norm(x), self.fused_bias())  # [B, N, h + 3D]
         u, q, k, v = torch.split(z, [self.mlp_hidden, D, D, D], dim=-1)
         q = self.q_norm(q.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)  # [B, H, N, hd]
         k = self.k_norm(k.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)
