@@ -148,12 +148,16 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iters", type=int, default=None, help="calls per repeat (default 20 cuda, 3 cpu)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
+                        help="keep cuDNN's default conv algorithms (by default both sides autotune, as fixed-shape "
+                             "training does)")
     args = parser.parse_args(argv)
     iters = args.iters or (20 if args.device == "cuda" else 3)
     precisions = ["fp32", "bf16-autocast"] if args.device == "cuda" else ["fp32"]
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
     rows = []
     for size in args.sizes:
         for precision in precisions:
@@ -169,11 +173,13 @@ def write(rows: list[dict], args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     meta = {"device_name": device_name, "torch": torch.__version__, "timm": timm.__version__,
-            "threads": torch.get_num_threads(), "repeats": args.repeats, "channels": CHANNELS, "img": IMG}
+            "threads": torch.get_num_threads(), "repeats": args.repeats, "channels": CHANNELS, "img": IMG,
+            "cudnn_benchmark": args.device == "cuda" and args.cudnn_benchmark, "tf32": args.device == "cuda"}
     stem = args.out / f"model_forward_{args.device}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"# model_forward on {device_name} ({args.device}), torch {torch.__version__}, timm {timm.__version__}",
-             "", f"{CHANNELS}x{IMG}x{IMG} images, median of {args.repeats} repeats; ratio = ours / official.", "",
+             "", f"{CHANNELS}x{IMG}x{IMG} images, median of {args.repeats} repeats; ratio = ours / official; "
+             f"TF32 and cudnn.benchmark: {meta['tf32']}, {meta['cudnn_benchmark']}.", "",
              "| encoder | precision | pass | batch | ours img/s | official img/s | ratio | parity |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['size']} | {r['precision']} | {r['pass']} | {r['batch']} | {r['ours_img_s']} | "
