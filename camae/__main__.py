@@ -1,0 +1,5 @@
+import sys
+
+from camae.cli import main
+
+sys.exit(main())

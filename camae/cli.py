@@ -1,0 +1,129 @@
+"""The `camae` command line.
+
+    camae demo [--checkpoint DIR] [--out outputs/demo]   embed synthetic images with OpenPhenom (or random weights)
+    camae info DIR                                       describe and strictly check an OpenPhenom directory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from camae import MAEModel
+from camae.checkpoint import CheckpointError, read_config_json
+from camae.model_config import HUB_CONFIG, ConfigError, MAEConfig
+
+log = logging.getLogger("camae")
+
+TINY_DIMS = {"embed_dim": 32, "depth": 2, "num_heads": 2}  # the shared test fixture's encoder
+
+
+def smooth_images(n: int, channels: int, size: int = 256, seed: int = 0) -> torch.Tensor:
+    """uint8 [n, channels, size, size] of smoothed noise with per-channel brightness: images with spatial
+    structure for smoke runs. Not Cell Painting: the synthetic plate generator is camae's data module's job."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.rand(n, channels, size // 8, size // 8, generator=g)
+    x = F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)
+    gain = torch.rand(1, channels, 1, 1, generator=g) * 0.8 + 0.2
+    return (x.clamp(0, 1) * gain * 255).round().to(torch.uint8)
+
+
+def random_checkpoint(out: Path, tiny: bool, seed: int) -> Path:
+    """Write an OpenPhenom-config directory with random weights (official container) and return it."""
+    config = json.loads(json.dumps(HUB_CONFIG))
+    if tiny:
+        config["encoder"]["vit_backbone"]["vit_backbone"].update(TINY_DIMS)
+        config["decoder"].update(embed_dim=32, depth=1, num_heads=2)
+    torch.manual_seed(seed)
+    MAEModel.from_config(config).save_pretrained(out)
+    return out
+
+
+def demo(args: argparse.Namespace) -> dict:
+    """The model card's uses on synthetic images: pooled and channel-wise embeddings, and a missing stain."""
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = Path(args.checkpoint) if args.checkpoint else None
+    if ckpt is None:
+        log.warning("no --checkpoint given: using RANDOM weights in the OpenPhenom format (a smoke run; the "
+                    "embeddings mean nothing). Pass --checkpoint DIR with the downloaded OpenPhenom directory.")
+        ckpt = random_checkpoint(out / "random-checkpoint", args.tiny, args.seed)
+    model = MAEModel.from_pretrained(ckpt, map_location=args.device)
+    images = smooth_images(args.images, args.channels, seed=args.seed)
+    start = time.perf_counter()
+    pooled = torch.cat([model.predict(b) for b in images.split(args.batch_size)])
+    seconds = time.perf_counter() - start
+    model.return_channelwise_embeddings = True
+    channelwise = torch.cat([model.predict(b) for b in images.split(args.batch_size)])
+    summary = {"checkpoint": str(ckpt), "random_weights": args.checkpoint is None, "device": str(model.device),
+               "images": args.images, "channels": args.channels, "embedding_dim": pooled.shape[1],
+               "channelwise_dim": channelwise.shape[1], "images_per_s": round(args.images / seconds, 2),
+               "outputs": {"embeddings": str(out / "embeddings.npy"),
+                           "channelwise": str(out / "embeddings_channelwise.npy")}}
+    np.save(out / "embeddings.npy", pooled.float().cpu().numpy())
+    np.save(out / "embeddings_channelwise.npy", channelwise.float().cpu().numpy())
+    slots = model.config.decoder.num_modalities
+    if args.channels == slots:
+        filled = model.predict_missing_channels(images[:1], missing=[slots - 1])
+        summary["missing_stain_reconstruction"] = list(filled.shape)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def info(args: argparse.Namespace) -> dict:
+    """Describe a checkpoint directory after loading it strictly."""
+    config = MAEConfig.from_json_dict(read_config_json(args.path))
+    model = MAEModel.from_pretrained(args.path)
+    weights = Path(args.path) / "model.safetensors"
+    container = "torch zip (official)" if weights.read_bytes()[:4] == b"PK\x03\x04" else "safetensors"
+    enc, dec = config.encoder, config.decoder
+    return {"path": str(Path(args.path).resolve()), "container": container,
+            "tensors": len(model.state_dict()), "values": sum(t.numel() for t in model.state_dict().values()),
+            "encoder": f"ViT D={enc.embed_dim} depth={enc.depth} heads={enc.num_heads} patch={enc.patch_size} "
+                       f"img={enc.img_size} max_channels={enc.max_in_chans} bias_routing={enc.bias_routing}",
+            "decoder": f"D={dec.embed_dim} depth={dec.depth} heads={dec.num_heads} slots={dec.num_modalities}",
+            "mask_ratio": config.mask_ratio, "return_channelwise_embeddings": config.return_channelwise_embeddings}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="camae", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="embed synthetic images with OpenPhenom (random weights without --checkpoint)")
+    p.add_argument("--checkpoint", help="an OpenPhenom directory (config.json + model.safetensors)")
+    p.add_argument("--out", default="outputs/demo", help="where embeddings and summary.json go")
+    p.add_argument("--images", type=int, default=32)
+    p.add_argument("--channels", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--tiny", action="store_true", help="random weights at the test fixture's size (fast)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=demo)
+    p = sub.add_parser("info", help="describe and strictly check an OpenPhenom checkpoint directory")
+    p.add_argument("path")
+    p.set_defaults(func=info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except (CheckpointError, ConfigError, ValueError, TypeError) as err:
+        print(f"camae {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
