@@ -12,6 +12,7 @@ per side, T = g*g tokens per channel, L = C*T body tokens (cls excluded), M = nu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -344,7 +345,9 @@ class MAEModel(nn.Module):
     def save_pretrained(self, path: str | os.PathLike, container: str = "torch") -> None:
         """Write `config.json` + `model.safetensors` with official key names, readable by us and the official
         loader. container="torch" is the official (torch zip) format, "safetensors" a genuine safetensors file."""
-        write_checkpoint(path, self.state_dict(), self.config.to_json_dict(), container)
+        config = dataclasses.replace(self.config, mask_ratio=self.mask_ratio,  # attributes users set, as officially
+                                     return_channelwise_embeddings=self.return_channelwise_embeddings)
+        write_checkpoint(path, self.state_dict(), config.to_json_dict(), container)
 
     def _init_weights(self) -> None:
         """Fresh weights as the official construction draws them (timm ViT init, or MAE's xavier init)."""

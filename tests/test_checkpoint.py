@@ -60,6 +60,13 @@ def test_saved_config_is_the_source_config_plus_our_section(tiny_dir, tiny_model
     assert written == original
 
 
+def test_attributes_set_on_the_model_are_saved(tiny_model, tmp_path):
+    tiny_model.mask_ratio, tiny_model.return_channelwise_embeddings = 0.75, True
+    tiny_model.save_pretrained(tmp_path)
+    back = MAEModel.from_pretrained(tmp_path)
+    assert back.mask_ratio == 0.75 and back.return_channelwise_embeddings is True
+
+
 def test_official_loader_can_read_what_we_write(tmp_path):
     """The official from_pretrained: torch.load(file)["state_dict"] + strict load, five top-level config keys."""
     torch.manual_seed(0)
