@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+from camae.config import ConfigError
+
 BIAS_ROUTINGS = ("legacy", "modern")
 
 # timm constructors the official configs name, with their (embed_dim, depth, num_heads, patch_size)
@@ -66,10 +68,6 @@ HUB_CONFIG = {
     "trim_encoder_blocks": None,
     "use_MAE_weight_init": False,
 }
-
-
-class ConfigError(ValueError):
-    """A config.json camae cannot build a faithful model from; the message names the key."""
 
 
 @dataclass

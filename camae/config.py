@@ -1,0 +1,182 @@
+"""Typed experiment configuration: one YAML per experiment, `--set a.b=c` overrides, unknown keys are errors.
+
+Each section is a dataclass with a docstring per field (LitGPT style). `load_config(Cls, path, overrides)`
+reads YAML into it, checking every key and type and naming the bad one; `save_config` writes the resolved
+config that runs keep beside their outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config a run cannot use; the message names the key and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class DataConfig:
+    """Where a dataset lives, how its table is read, split and decoded."""
+
+    format: Literal["rxrx1", "jump", "manifest"] = "rxrx1"
+    """Layout: "rxrx1" (metadata.csv + images/{experiment}/Plate{plate}/{well}_s{site}_w{n}.png), "jump" (a
+    JUMP load_data CSV/Parquet with FileName_Orig*/PathName_Orig* columns), or "manifest" (any CSV/Parquet
+    whose columns the fields below name)."""
+    root: str = "data/synthetic"
+    """rxrx1: the dataset directory. jump/manifest: the table file (CSV or Parquet); relative image paths in it
+    are resolved against the table's directory."""
+    channels: list[str] = field(default_factory=lambda: ["nuclei", "er", "actin", "rna", "mito", "golgi"])
+    """Channels to load, by name, in the order the model sees them. rxrx1 names: nuclei er actin rna mito
+    golgi (w1..w6); jump names: the suffix of FileName_Orig<name> (DNA ER RNA AGP Mito); manifest: keys of
+    channel_columns."""
+    channel_columns: dict[str, str] = field(default_factory=dict)
+    """manifest only: channel name -> column holding that channel's image path."""
+    label_column: str = "sirna"
+    """Column with the perturbation label (rxrx1: sirna; jump: e.g. Metadata_JCP2022 after joining the plate
+    map)."""
+    control_column: str = "well_type"
+    """Column that marks control wells."""
+    control_values: list[str] = field(default_factory=lambda: ["negative_control"])
+    """Values of control_column that mean "control" (the wells batch correction is fitted on)."""
+    plate_column: str = "plate"
+    """jump/manifest: plate column (jump: Metadata_Plate)."""
+    well_column: str = "well"
+    """jump/manifest: well column (jump: Metadata_Well)."""
+    site_column: str = "site"
+    """jump/manifest: site column (jump: Metadata_Site)."""
+    batch_column: str | None = "experiment"
+    """Column naming the batch (experiment) of a plate; None: each plate is its own batch."""
+    extra_columns: list[str] = field(default_factory=list)
+    """Further metadata columns carried through to outputs."""
+    split_by: str = "plate"
+    """Column the split groups by: all images of one group land in the same split (never split by image)."""
+    val_groups: list[str] = field(default_factory=list)
+    """Groups (e.g. plates) for validation; empty: val_fraction of the groups, drawn with seed."""
+    test_groups: list[str] = field(default_factory=list)
+    """Groups for test; empty: test_fraction of the groups, drawn with seed."""
+    val_fraction: float = 0.25
+    """Fraction of groups for validation when val_groups is empty."""
+    test_fraction: float = 0.25
+    """Fraction of groups for test when test_groups is empty."""
+    seed: int = 0
+    """Seed of the group split and of the synthetic generator's defaults."""
+    crop_size: int = 256
+    """Side of the crops fed to the model (the encoder's positions are valid at 256)."""
+    eval_crop: Literal["center", "tile"] = "center"
+    """Evaluation: one centre crop per site, or every non-overlapping crop_size tile (aggregate per site)."""
+    channel_dropout: float = 0.0
+    """Training only: probability that each channel is zeroed (at least one is always kept); the encoder is
+    channel-agnostic, so this teaches robustness to missing stains."""
+    uint16_mapping: Literal["percentile", "minmax", "shift"] = "percentile"
+    """How 16-bit images become uint8: per-image per-channel percentile clipping, min-max, or a bit shift."""
+    percentiles: list[float] = field(default_factory=lambda: [0.1, 99.9])
+    """Low and high percentile for uint16_mapping=percentile."""
+    source_bits: int = 16
+    """Bits used by the camera, for uint16_mapping=shift (12-bit data: shift by 4)."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """A missing, unreadable or inconsistent image: stop with an error naming it, or skip the site, count it
+    and report it (the skipped sites are written to skipped.jsonl beside the run's outputs)."""
+    decode_batch_size: int = 16
+    """Sites per Ray Data decode task batch."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading and saving
+
+
+def from_dict(cls: type, data: dict | None, where: str = "") -> Any:
+    """Build dataclass `cls` from a dict, checking keys and types; errors name the dotted key."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{where or cls.__name__}' must be a mapping of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{where}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{where}{key}'{hint}")
+        kwargs[key] = _coerce(hints[key], value, f"{where}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, key: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _coerce(next(a for a in args if a is not type(None)), value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key '{key}' is {value!r}; choose one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is Any or (isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        return value
+    raise ConfigError(f"config key '{key}' must be {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=c` overrides to a nested dict; values are parsed as YAML (`x=1e-4`, `x=[a, b]`)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.subkey=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """Read a YAML file (or nothing: the defaults) into `cls`, then apply overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p} is not valid YAML: {err}") from err
+    return from_dict(cls, apply_overrides(data, list(overrides or [])))
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: str | Path) -> Path:
+    """Write the resolved config as YAML (what a run actually used)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return p

@@ -1,0 +1,359 @@
+"""Microscopy plates into a dataset table, and the table into a stream of decoded images (Ray Data or torch).
+
+The table has one row per imaged site and these columns (`read_table`):
+    sample_id  plate  batch  well  site  label  is_control  path_<channel> ...  [extra columns]
+`plate` and `batch` are strings; `path_<channel>` holds each chosen channel's image file, in config order.
+Splits are by group (plate by default), never by image (`assign_splits`); the label map is fixed once and saved
+(`LabelMap`). `decode_batch` turns table rows into uint8 [C, H, W] crops; `build_dataset` runs it as a
+streaming Ray Data pipeline; `SiteDataset` is the same for a torch DataLoader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from camae.config import ConfigError, DataConfig
+
+RXRX1_CHANNELS = {"nuclei": 1, "er": 2, "actin": 3, "rna": 4, "mito": 5, "golgi": 6}
+META_COLUMNS = ["sample_id", "plate", "batch", "well", "site", "label", "is_control"]
+TRAIN_COLUMNS = ["image", "label_index"]  # what a training loop needs; all numeric, so iter_torch_batches works
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file or row and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The dataset table
+
+
+def read_table(cfg: DataConfig) -> pd.DataFrame:
+    """The dataset table for cfg.format, checked: every chosen channel present, labels and keys not missing."""
+    reader = {"rxrx1": _read_rxrx1, "jump": _read_jump, "manifest": _read_manifest}[cfg.format]
+    table = reader(cfg)
+    for col in ("label", "plate", "well", "site"):
+        missing = table[col].isna()
+        if missing.any():
+            row = table[missing].iloc[0]
+            raise DataError(f"{missing.sum()} rows have no {col} (first: row {row.name}, sample "
+                            f"{row.get('sample_id')}); fill it in or drop those rows from the table")
+    table["plate"] = table["plate"].astype(str)
+    table["batch"] = table["batch"].astype(str)
+    table["well"] = table["well"].astype(str)
+    table["site"] = table["site"].astype(int)
+    table["label"] = table["label"].astype(str)
+    table["sample_id"] = table["plate"] + "_" + table["well"] + "_s" + table["site"].astype(str)
+    duplicated = table["sample_id"].duplicated()
+    if duplicated.any():
+        raise DataError(f"site {table['sample_id'][duplicated].iloc[0]} appears twice in the table; each row must "
+                        "be one imaged site (plate, well, site)")
+    paths = [f"path_{c}" for c in cfg.channels]
+    return table[META_COLUMNS + paths + list(cfg.extra_columns)].reset_index(drop=True)
+
+
+def _read_any(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise DataError(f"dataset table {path} does not exist")
+    return pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
+
+
+def _require_columns(df: pd.DataFrame, columns, where: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise DataError(f"{where} lacks columns {missing}; it has {list(df.columns)[:20]} (set the *_column keys "
+                        "of the data config to the names your table uses)")
+
+
+def _common(df: pd.DataFrame, cfg: DataConfig, plate: str, well: str, site: str, where: str) -> pd.DataFrame:
+    batch = [cfg.batch_column] if cfg.batch_column else []
+    _require_columns(df, [plate, well, site, cfg.label_column, cfg.control_column, *batch, *cfg.extra_columns],
+                     where)
+    out = pd.DataFrame({"plate": df[plate], "well": df[well], "site": df[site], "label": df[cfg.label_column],
+                        "is_control": df[cfg.control_column].astype(str).isin(cfg.control_values)})
+    out["batch"] = df[cfg.batch_column] if cfg.batch_column else df[plate]
+    for col in cfg.extra_columns:
+        out[col] = df[col]
+    return out
+
+
+def _read_rxrx1(cfg: DataConfig) -> pd.DataFrame:
+    root = Path(cfg.root)
+    df = _read_any(root / "metadata.csv")
+    unknown = [c for c in cfg.channels if c not in RXRX1_CHANNELS]
+    if unknown:
+        raise ConfigError(f"data.channels has {unknown}, not RxRx1 channels; choose from {list(RXRX1_CHANNELS)}")
+    _require_columns(df, ["experiment", "plate", "well", "site"], str(root / "metadata.csv"))
+    out = _common(df, cfg, "plate", "well", "site", str(root / "metadata.csv"))
+    out["plate"] = df["experiment"].astype(str) + "_P" + df["plate"].astype(str)  # plate numbers repeat
+    folder = root / "images" / df["experiment"].astype(str) / ("Plate" + df["plate"].astype(str))
+    for name in cfg.channels:
+        out[f"path_{name}"] = [str(f / f"{w}_s{s}_w{RXRX1_CHANNELS[name]}.png")
+                               for f, w, s in zip(folder, df["well"], df["site"], strict=True)]
+    return out
+
+
+def _read_jump(cfg: DataConfig) -> pd.DataFrame:
+    table = Path(cfg.root)
+    df = _read_any(table)
+    cols = [f"{kind}_Orig{c}" for c in cfg.channels for kind in ("FileName", "PathName")]
+    _require_columns(df, cols, str(table))
+    out = _common(df, cfg, cfg.plate_column, cfg.well_column, cfg.site_column, str(table))
+    for name in cfg.channels:
+        out[f"path_{name}"] = [str(_resolve(table.parent, Path(str(p)) / str(f)))
+                               for p, f in zip(df[f"PathName_Orig{name}"], df[f"FileName_Orig{name}"], strict=True)]
+    return out
+
+
+def _read_manifest(cfg: DataConfig) -> pd.DataFrame:
+    table = Path(cfg.root)
+    df = _read_any(table)
+    missing = [c for c in cfg.channels if c not in cfg.channel_columns]
+    if missing:
+        raise ConfigError(f"data.channel_columns names no column for channels {missing}")
+    _require_columns(df, [cfg.channel_columns[c] for c in cfg.channels], str(table))
+    out = _common(df, cfg, cfg.plate_column, cfg.well_column, cfg.site_column, str(table))
+    for name in cfg.channels:
+        out[f"path_{name}"] = [str(_resolve(table.parent, Path(str(p)))) for p in df[cfg.channel_columns[name]]]
+    return out
+
+
+def _resolve(base: Path, path: Path) -> Path:
+    return path if path.is_absolute() else base / path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Splits and labels
+
+
+def assign_splits(table: pd.DataFrame, cfg: DataConfig) -> pd.Series:
+    """'train' / 'val' / 'test' per row, by group (cfg.split_by): a group never straddles two splits."""
+    if cfg.split_by not in table.columns:
+        raise ConfigError(f"data.split_by={cfg.split_by!r} is not a table column; columns: {list(table.columns)}")
+    groups = sorted(table[cfg.split_by].astype(str).unique())
+    for name, given in (("val_groups", cfg.val_groups), ("test_groups", cfg.test_groups)):
+        unknown = sorted(set(given) - set(groups))
+        if unknown:
+            raise ConfigError(f"data.{name} names {unknown}, which are not {cfg.split_by} values: {groups}")
+    if set(cfg.val_groups) & set(cfg.test_groups):
+        raise ConfigError(f"data.val_groups and data.test_groups share {set(cfg.val_groups) & set(cfg.test_groups)}")
+    rest = [g for g in groups if g not in cfg.val_groups and g not in cfg.test_groups]
+    np.random.default_rng(cfg.seed).shuffle(rest)
+    n_test = 0 if cfg.test_groups else round(cfg.test_fraction * len(groups))
+    n_val = 0 if cfg.val_groups else round(cfg.val_fraction * len(groups))
+    test = set(cfg.test_groups) | set(rest[:n_test])
+    val = set(cfg.val_groups) | set(rest[n_test:n_test + n_val])
+    if len(test) + len(val) >= len(groups):
+        raise ConfigError(f"the split leaves no training {cfg.split_by}: {len(groups)} groups, {len(val)} val, "
+                          f"{len(test)} test; lower data.val_fraction / data.test_fraction or add plates")
+    key = table[cfg.split_by].astype(str)
+    return pd.Series(np.where(key.isin(test), "test", np.where(key.isin(val), "val", "train")), index=table.index)
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Label name <-> class index, fixed once (sorted names) and saved with every run."""
+
+    names: tuple[str, ...]
+
+    @classmethod
+    def from_labels(cls, labels) -> LabelMap:
+        return cls(tuple(sorted(set(map(str, labels)))))
+
+    def encode(self, labels) -> np.ndarray:
+        index = {n: i for i, n in enumerate(self.names)}
+        unknown = sorted({str(label) for label in labels} - index.keys())
+        if unknown:
+            raise DataError(f"labels {unknown[:5]} are not in the run's label map ({len(self.names)} classes: "
+                            f"{list(self.names)[:5]}...); evaluate with data labelled like the training data")
+        return np.array([index[str(label)] for label in labels], dtype=np.int64)
+
+    def save(self, path: str | Path) -> Path:
+        Path(path).write_text(json.dumps({"names": list(self.names)}, indent=2) + "\n")
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> LabelMap:
+        return cls(tuple(json.loads(Path(path).read_text())["names"]))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def to_uint8(img: np.ndarray, cfg: DataConfig) -> np.ndarray:
+    """Map a 16-bit (or other integer) image to uint8 per cfg.uint16_mapping; uint8 passes through."""
+    if img.dtype == np.uint8:
+        return img
+    if cfg.uint16_mapping == "shift":
+        return np.clip(img.astype(np.int64) >> max(cfg.source_bits - 8, 0), 0, 255).astype(np.uint8)
+    if cfg.uint16_mapping == "percentile":
+        lo, hi = np.percentile(img, cfg.percentiles)
+    else:
+        lo, hi = float(img.min()), float(img.max())
+    if hi <= lo:
+        return np.zeros(img.shape, dtype=np.uint8)
+    return np.rint(np.clip((img.astype(np.float32) - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+
+
+def read_image(path: str) -> np.ndarray:
+    """One 2-D image (PNG, TIFF, ...) as an integer array; errors name the file."""
+    if not os.path.isfile(path):
+        raise DataError(f"image {path} does not exist")
+    try:
+        if path.lower().endswith((".tif", ".tiff")):
+            import tifffile
+
+            img = tifffile.imread(path)
+        else:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                img = np.asarray(im)
+    except Exception as err:  # noqa: BLE001 - any decoder failure is a corrupt file to the user
+        raise DataError(f"image {path} cannot be decoded ({type(err).__name__}: {err}); the file is corrupt or "
+                        "not an image") from err
+    if img.ndim != 2 or not np.issubdtype(img.dtype, np.integer):
+        raise DataError(f"image {path} has shape {img.shape} and dtype {img.dtype}; expected one 2-D grayscale "
+                        "channel of uint8 or uint16 pixels per file")
+    return img
+
+
+def load_site(row: dict, cfg: DataConfig) -> np.ndarray:
+    """uint8 [C, H, W] for one table row; all channels must have the same size."""
+    planes = [to_uint8(read_image(row[f"path_{c}"]), cfg) for c in cfg.channels]
+    shapes = {p.shape for p in planes}
+    if len(shapes) > 1:
+        raise DataError(f"site {row['sample_id']} has channels of different sizes {sorted(shapes)}")
+    if min(planes[0].shape) < cfg.crop_size:
+        raise DataError(f"site {row['sample_id']} is {planes[0].shape} pixels, smaller than data.crop_size="
+                        f"{cfg.crop_size}")
+    return np.stack(planes)
+
+
+def crops(image: np.ndarray, cfg: DataConfig, train: bool, rng: np.random.Generator) -> list[np.ndarray]:
+    """The crops of one site: a random one (train), the centre one, or all non-overlapping tiles."""
+    _, H, W = image.shape
+    s = cfg.crop_size
+    if train:
+        y, x = rng.integers(0, H - s + 1), rng.integers(0, W - s + 1)
+        return [image[:, y:y + s, x:x + s]]
+    if cfg.eval_crop == "center":
+        y, x = (H - s) // 2, (W - s) // 2
+        return [image[:, y:y + s, x:x + s]]
+    return [image[:, y:y + s, x:x + s] for y in range(0, H - s + 1, s) for x in range(0, W - s + 1, s)]
+
+
+def drop_channels(image: np.ndarray, p: float, rng: np.random.Generator) -> np.ndarray:
+    """Zero each channel with probability p, always keeping at least one."""
+    if p <= 0:
+        return image
+    drop = rng.random(image.shape[0]) < p
+    if drop.all():
+        drop[rng.integers(image.shape[0])] = False
+    image = image.copy()
+    image[drop] = 0
+    return image
+
+
+def decode_batch(batch: dict[str, np.ndarray], cfg: DataConfig, train: bool, label_map: LabelMap | None = None,
+                 skip_log: str | None = None, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Table rows (columnar) -> image crops: {"image": uint8 [N, C, s, s], "tile": int64 [N], "label_index": int64
+    [N] (with a label map), metadata columns}, only `columns` if given. Bad sites raise, or with on_error=skip are
+    dropped and logged to skip_log."""
+    rng = np.random.default_rng()
+    n = len(batch["sample_id"])
+    images, keep, tiles, skipped = [], [], [], []
+    for i in range(n):
+        row = {k: v[i] for k, v in batch.items()}
+        try:
+            site = load_site(row, cfg)
+        except DataError as err:
+            if cfg.on_error == "raise":
+                raise
+            skipped.append({"sample_id": str(row["sample_id"]), "error": str(err)})
+            continue
+        for t, crop in enumerate(crops(site, cfg, train, rng)):
+            images.append(drop_channels(crop, cfg.channel_dropout, rng) if train else crop)
+            keep.append(i)
+            tiles.append(t)
+    if skipped:
+        _log_skipped(skipped, skip_log)
+    out = {k: v[keep] for k, v in batch.items() if k in META_COLUMNS or k in cfg.extra_columns}
+    shape = (0, len(cfg.channels), cfg.crop_size, cfg.crop_size)
+    out["image"] = np.stack(images) if images else np.zeros(shape, dtype=np.uint8)
+    out["tile"] = np.array(tiles, dtype=np.int64)
+    if label_map is not None:
+        out["label_index"] = label_map.encode(out["label"])
+    return out if columns is None else {k: out[k] for k in columns}
+
+
+def _log_skipped(records: list[dict], skip_log: str | None) -> None:
+    if skip_log is None:
+        raise DataError(f"{len(records)} sites were skipped but no skip log is set; first: {records[0]}")
+    Path(skip_log).mkdir(parents=True, exist_ok=True)
+    with open(Path(skip_log) / f"skipped-{uuid.uuid4().hex}.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def skipped_report(skip_log: str | Path) -> pd.DataFrame:
+    """Every site skipped under on_error=skip, with the reason (from the logs decode tasks wrote)."""
+    files = sorted(Path(skip_log).glob("skipped-*.jsonl"))
+    rows = [json.loads(line) for f in files for line in f.read_text().splitlines() if line]
+    return pd.DataFrame(rows, columns=["sample_id", "error"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Streams: Ray Data and torch
+
+
+def build_dataset(table: pd.DataFrame, cfg: DataConfig, train: bool, label_map: LabelMap | None = None,
+                  skip_log: str | None = None, columns: list[str] | None = None, blocks: int | None = None):
+    """A streaming `ray.data.Dataset` of decoded crops. Only the table (paths and metadata) is in memory; images
+    are decoded in parallel tasks as the consumer pulls batches, so memory does not grow with the dataset.
+    With columns=TRAIN_COLUMNS it feeds `iter_torch_batches` (or `get_dataset_shard` in Ray Train workers);
+    with all columns (None), `iter_batches` / `map_batches` see the metadata too."""
+    import functools
+
+    import ray
+
+    if train:
+        table = table.sample(frac=1.0, random_state=cfg.seed)
+    n_blocks = blocks or max(1, min(len(table), -(-len(table) // cfg.decode_batch_size)))
+    parts = [table.iloc[i::n_blocks] for i in range(n_blocks)] if n_blocks > 1 else [table]
+    ds = ray.data.from_pandas([p.reset_index(drop=True) for p in parts if len(p)])
+    if train:
+        ds = ds.randomize_block_order(seed=cfg.seed)
+    decode = functools.partial(decode_batch, cfg=cfg, train=train, label_map=label_map, skip_log=skip_log,
+                               columns=columns)
+    return ds.map_batches(decode, batch_size=cfg.decode_batch_size, batch_format="numpy")
+
+
+class SiteDataset:
+    """The same decoding as `build_dataset` for a torch DataLoader (map-style: one site per index)."""
+
+    def __init__(self, table: pd.DataFrame, cfg: DataConfig, train: bool, label_map: LabelMap | None = None):
+        self.rows = table.to_dict("records")
+        self.cfg, self.train, self.label_map = cfg, train, label_map
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        rng = np.random.default_rng()
+        crop = crops(load_site(row, self.cfg), self.cfg, self.train, rng)[0]
+        item = {"image": drop_channels(crop, self.cfg.channel_dropout, rng) if self.train else crop,
+                "sample_id": row["sample_id"]}
+        if self.label_map is not None:
+            item["label_index"] = int(self.label_map.encode([row["label"]])[0])
+        return item
