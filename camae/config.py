@@ -88,8 +88,9 @@ class DataConfig:
     on_error: Literal["raise", "skip"] = "raise"
     """A missing, unreadable or inconsistent image: stop with an error naming it, or skip the site, count it
     and report it (the skipped sites are written to skipped.jsonl beside the run's outputs)."""
-    decode_batch_size: int = 16
-    """Sites per Ray Data decode task batch."""
+    decode_batch_size: int = 32
+    """Sites per Ray Data decode task. Best equal to the consumer's batch size: re-batching blocks of another
+    size costs a copy (measured: 16 into 32 ran at 0.7x of 32 into 32)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------

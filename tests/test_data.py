@@ -307,3 +307,21 @@ def test_ray_stream_errors_name_the_file(ray_local, cfg, tmp_path):
     cfg.on_error = "skip"
     rows = build_dataset(table, cfg, train=False, skip_log=str(tmp_path / "skips")).take_all()
     assert len(rows) == len(table) - 1 and len(skipped_report(tmp_path / "skips")) == 1
+
+
+class _MeanIntensity:
+    """Stands in for an embedding actor: per-crop channel means, metadata passed through."""
+
+    def __call__(self, batch: dict) -> dict:
+        return {"sample_id": batch["sample_id"], "plate": batch["plate"],
+                "features": batch["image"].reshape(*batch["image"].shape[:2], -1).mean(-1)}
+
+
+def test_ray_stream_feeds_map_batches_actors(ray_local, cfg):
+    table = read_table(cfg)
+    out = build_dataset(table, cfg, train=False).map_batches(_MeanIntensity, concurrency=1, batch_size=8)
+    rows = out.take_all()
+    assert sorted(r["sample_id"] for r in rows) == sorted(table.sample_id)
+    first = next(r for r in rows if r["sample_id"] == table.sample_id[0])
+    expected = load_site(table.iloc[0].to_dict(), cfg).reshape(6, -1).mean(-1)
+    assert first["features"] == pytest.approx(expected) and first["plate"] == table.plate[0]

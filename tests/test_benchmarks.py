@@ -1,0 +1,30 @@
+"""The benchmark scripts still run (smoke runs on tiny inputs; their figures are not checked here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_model_forward_benchmark_runs(tmp_path):
+    cmd = [sys.executable, "benchmarks/model_forward.py", "--device", "cpu", "--sizes", "tiny", "--repeats", "1",
+           "--iters", "1", "--out", str(tmp_path)]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=600)
+    rows = json.loads((tmp_path / "model_forward_cpu.json").read_text())["rows"]
+    assert len(rows) == 2 and all(r["parity_max_abs_diff"] < 1e-4 for r in rows)
+
+
+@pytest.mark.slow
+def test_ingest_benchmark_runs(tmp_path):
+    cmd = [sys.executable, "benchmarks/ingest.py", "--sites", "60", "--scales", "1", "--workers", "2",
+           "--data", str(tmp_path / "data"), "--out", str(tmp_path)]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=600)
+    rows = json.loads((tmp_path / "ingest.json").read_text())["rows"]
+    assert {r["mode"] for r in rows} == {"ray", "dataloader", "single"} and all(r["sites"] == 60 for r in rows)

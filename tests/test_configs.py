@@ -1,0 +1,30 @@
+"""Every YAML in configs/ loads and validates against its config class."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from camae.config import ConfigError, DataConfig, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+KINDS = {"data": DataConfig}
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_config_loads(path):
+    kind = path.relative_to(CONFIGS).parts[0]
+    assert kind in KINDS, f"{path}: no config class registered for configs/{kind}/"
+    load_config(KINDS[kind], path)
+
+
+def test_typo_in_a_config_file_is_named(tmp_path):
+    (tmp_path / "bad.yaml").write_text("format: rxrx1\nchanels: [nuclei]\n")
+    with pytest.raises(ConfigError, match="unknown config key 'chanels'; did you mean 'channels'"):
+        load_config(DataConfig, tmp_path / "bad.yaml")
+
+
+def test_overrides_apply_and_parse_yaml():
+    cfg = load_config(DataConfig, CONFIGS / "data" / "synthetic.yaml", ["channels=[nuclei, mito]", "seed=3"])
+    assert cfg.channels == ["nuclei", "mito"] and cfg.seed == 3
