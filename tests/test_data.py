@@ -318,6 +318,9 @@ class _MeanIntensity:
 
 
 def test_ray_stream_feeds_map_batches_actors(ray_local, cfg):
+    import sys
+
+    ray_local.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test modules
     table = read_table(cfg)
     out = build_dataset(table, cfg, train=False).map_batches(_MeanIntensity, concurrency=1, batch_size=8)
     rows = out.take_all()
