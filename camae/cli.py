@@ -3,6 +3,7 @@
     camae demo [--checkpoint DIR] [--out outputs/demo]   embed synthetic images with OpenPhenom (or random weights)
     camae info DIR                                       describe and strictly check an OpenPhenom directory
     camae synth --out DIR [--config F] [--set k=v ...]   write synthetic Cell Painting plates (RxRx1 layout)
+    camae finetune --config F [--set k=v ...]            fine-tune with Ray Train (= python -m finetune.train)
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML with SynthConfig keys")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     p.set_defaults(func=synth)
+    sub.add_parser("finetune", help="fine-tune with Ray Train: camae finetune --config F [--set k=v ...]")
     p = sub.add_parser("info", help="describe and strictly check an OpenPhenom checkpoint directory")
     p.add_argument("path")
     p.set_defaults(func=info)
@@ -134,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["finetune"]:  # the job's own entry point, shared with `ray job submit ... python -m finetune.train`
+        from finetune.train import main as finetune_main
+
+        return finetune_main(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:

@@ -93,6 +93,173 @@ class DataConfig:
     size costs a copy (measured: 16 into 32 ran at 0.7x of 32 into 32)."""
 
 
+@dataclass
+class SynthConfig:
+    """Size and difficulty of the synthetic dataset."""
+
+    experiments: int = 2
+    """Experiments (batches); each has its own shift on top of per-plate effects."""
+    plates_per_experiment: int = 2
+    """Plates per experiment, numbered 1.. as in RxRx1."""
+    wells_per_plate: int = 30
+    """Wells used per plate (filled row-major on a 16x24 plate)."""
+    controls_per_plate: int = 6
+    """Negative-control wells per plate (well_type negative_control, sirna EMPTY)."""
+    classes: int = 4
+    """Perturbation classes; every plate holds each of them in (wells - controls) / classes wells."""
+    sites_per_well: int = 2
+    """Imaged sites per well."""
+    size: int = 256
+    """Image side in pixels."""
+    cells_per_site: float = 22.0
+    """Mean number of cells per site (Poisson)."""
+    effect_size: float = 1.0
+    """Class effect in units of the per-cell trait spread (1: a cell's own variation is as large)."""
+    batch_effect: float = 1.0
+    """Scale of the plate and experiment effects (0: none)."""
+    seed: int = 0
+    """Seed of everything."""
+    workers: int = 0
+    """Processes that render sites; 0: one per CPU."""
+
+
+@dataclass
+class ModelConfig:
+    """The encoder to fine-tune and the classification head on top."""
+
+    checkpoint: str | None = None
+    """An OpenPhenom directory (config.json + model.safetensors) or a camae export. None: random weights, with a
+    loud warning (smoke runs only)."""
+    embed_dim: int = 384
+    """Random weights only: encoder width (the published model: 384)."""
+    depth: int = 12
+    """Random weights only: encoder blocks."""
+    num_heads: int = 6
+    """Random weights only: attention heads."""
+    bias_routing: Literal["legacy", "modern"] | None = None
+    """Override the checkpoint's bias routing (default: what the checkpoint says, legacy for OpenPhenom)."""
+    pool: Literal["avg", "cls"] = "avg"
+    """Embedding pooled for the head: mean of patch tokens (as `predict`) or the cls token."""
+    head_norm: bool = True
+    """BatchNorm1d (no affine) on the pooled embedding before the head, MAE's linear-probe recipe: embeddings of
+    any scale then train with one learning rate."""
+    head_dropout: float = 0.0
+    """Dropout before the linear head."""
+    drop_path_rate: float = 0.1
+    """Stochastic depth of the encoder's last block during fine-tuning (linear over blocks)."""
+    grad_checkpointing: bool = False
+    """Recompute encoder blocks in backward (less activation memory, about 30% more compute)."""
+
+
+@dataclass
+class LoraSection:
+    """LoRA adapters (peft) for mode=lora."""
+
+    r: int = 8
+    """Adapter rank."""
+    alpha: int = 16
+    """Adapter scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    targets: list[Literal["in_proj", "attn_out_proj", "mlp_out_proj", "patch_embed"]] = field(
+        default_factory=lambda: ["in_proj", "attn_out_proj", "mlp_out_proj"])
+    """Modules that get adapters: each block's fused input projection (qkv + MLP in), attention and MLP output
+    projections, and the shared patch embedding."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimization."""
+
+    mode: Literal["linear", "lora", "full"] = "lora"
+    """linear: encoder frozen, head trained; lora: adapters + head; full: everything, with layer-wise LR decay."""
+    epochs: int = 10
+    """Passes over the training plates."""
+    batch_size: int = 32
+    """Images per optimizer step per worker (before accumulation)."""
+    lr: float = 1e-3
+    """Peak learning rate (of the head; encoder layers get lr * layer_decay^depth-from-top in mode=full)."""
+    min_lr: float = 1e-6
+    """Learning rate at the end of the cosine schedule."""
+    warmup_epochs: float = 1.0
+    """Linear warmup length, in epochs."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (not applied to biases, norms and tokens)."""
+    layer_decay: float = 0.75
+    """mode=full: learning-rate decay per encoder block from the top (1 = none)."""
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this (None: no clipping)."""
+    accumulate: int = 1
+    """Micro-batches per optimizer step."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 autocast on GPU, fp32 on CPU."""
+    seed: int = 0
+    """Seed of weights, adapters and data order."""
+    lora: LoraSection = field(default_factory=LoraSection)
+    """LoRA settings (mode=lora)."""
+
+
+@dataclass
+class RunSection:
+    """Where and how the job runs."""
+
+    name: str = "finetune"
+    """Run name: outputs go to output_dir/name."""
+    output_dir: str = "outputs"
+    """Root of run outputs (checkpoints, exports, the default MLflow store)."""
+    storage_path: str | None = None
+    """Ray Train storage (shared by all nodes on a cluster); default: output_dir/ray."""
+    num_workers: int = 0
+    """Ray Train workers; 0 runs the loop in this process (quick runs), >1 trains with DDP."""
+    cpus_per_worker: int = 1
+    """CPUs per training worker; leave some for Ray Data's decoding."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    keep_checkpoints: int = 2
+    """Best checkpoints kept, by checkpoint_metric."""
+    checkpoint_metric: str = "val/accuracy"
+    """Metric that ranks checkpoints and picks the exported model."""
+    checkpoint_mode: Literal["max", "min"] = "max"
+    """Whether a higher or lower checkpoint_metric is better."""
+    max_failures: int = 0
+    """Worker-group restarts Ray Train allows; a restarted run resumes from its last checkpoint."""
+    fault_injection_epoch: int | None = None
+    """Testing recovery: kill the rank-0 worker process once, right after this epoch's checkpoint."""
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow."""
+
+    tracking_uri: str | None = None
+    """MLflow tracking URI; None: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db (made absolute)."""
+    experiment: str = "camae"
+    """MLflow experiment; fine-tunes, sweeps and probes share one so the comparison view lines them up."""
+    run_name: str | None = None
+    """MLflow run name; default: run.name."""
+    log_model: bool = True
+    """Log the fine-tuned classifier as an MLflow model (plus the official-format export as artifacts)."""
+
+
+@dataclass
+class FinetuneConfig:
+    """A fine-tuning experiment: one YAML in configs/finetune/."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """The dataset and its split."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Encoder and head."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimization."""
+    run: RunSection = field(default_factory=RunSection)
+    """Workers, outputs, checkpoints."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow."""
+    synth: SynthConfig | None = None
+    """If set and data.root holds no dataset yet, write these synthetic plates there first (the embedded
+    default, so a fresh checkout runs)."""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Loading and saving
 
@@ -134,8 +301,11 @@ def _coerce(tp, value, key: str):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
         return {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
-    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+    if tp is float and isinstance(value, int | float | str) and not isinstance(value, bool):
+        try:
+            return float(value)  # also "2e-3", which YAML 1.1 reads as a string
+        except ValueError:
+            pass
     if tp is Any or (isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         return value
     raise ConfigError(f"config key '{key}' must be {getattr(tp, '__name__', tp)}, got {value!r}")

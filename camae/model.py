@@ -92,6 +92,19 @@ def mask_tokens(tokens: torch.Tensor, noise: torch.Tensor, len_keep: int):
     return kept, torch.gather(mask, 1, restore), restore
 
 
+def pool_tokens(tokens: torch.Tensor, pool: str, tokens_per_channel: int) -> torch.Tensor:
+    """Encoder tokens [B, 1 + C*T, D] -> "avg": mean of patch tokens, cls excluded (as `predict`) [B, D];
+    "channelwise": mean per channel, concatenated channel-major [B, C*D]; "cls": the cls token [B, D]."""
+    body = tokens[:, 1:]
+    if pool == "avg":
+        return body.mean(dim=1)
+    if pool == "cls":
+        return tokens[:, 0]
+    if pool == "channelwise":
+        return body.reshape(body.shape[0], -1, tokens_per_channel, body.shape[-1]).mean(dim=2).flatten(1)
+    raise ValueError(f"unknown pool {pool!r}; choose 'avg', 'channelwise' or 'cls'")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Encoder: channel-agnostic ViT with parallel-scaling blocks
 
@@ -175,10 +188,10 @@ class ChannelAgnosticViT(nn.Module):
         table = sincos_pos_table(cfg.embed_dim, cfg.grid_size, cfg.max_in_chans)
         self.pos_embed = nn.Parameter(table, requires_grad=False)  # [1, 1 + max_in_chans*T, D]
         self.patch_embed = ChannelAgnosticPatchEmbed(cfg.patch_size, cfg.embed_dim)
-        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(
-            ParallelScalingBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.init_values, r, cfg.bias_routing)
-            for r in rates)
+            ParallelScalingBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.init_values, 0.0, cfg.bias_routing)
+            for _ in range(cfg.depth))
+        self.set_drop_path(cfg.drop_path_rate)
         self.fc_norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
         self.grad_checkpointing = False
 
@@ -204,6 +217,12 @@ class ChannelAgnosticViT(nn.Module):
     def forward_features(self, xn: torch.Tensor) -> torch.Tensor:
         """Normalized images [B, C, H, W] -> tokens [B, 1 + C*T, D] (no final norm, as official)."""
         return self.run_blocks(self.with_cls(self.embed(xn)))
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth for (fine-)tuning: `rate` at the last block, linear from 0 over the blocks."""
+        for i, block in enumerate(self.blocks):
+            r = rate * i / max(len(self.blocks) - 1, 1)
+            block.drop_path = DropPath(r) if r > 0 else nn.Identity()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -417,23 +436,11 @@ class MAEModel(nn.Module):
         return vit.run_blocks(vit.with_cls(vit.embed(self.normalize(x))), collect=True)[1]
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = True, pool: str = "avg") -> torch.Tensor:
-        """Pool encoder tokens [B, 1 + C*T, D].
-
-        pool: "avg" (mean of patch tokens, cls excluded, as `predict`) -> [B, D]; "channelwise" (mean per channel,
-        concatenated channel-major) -> [B, C*D]; "cls" -> [B, D]. `pre_logits=True` returns the pooled tokens as
-        they are (`predict`'s embedding); `pre_logits=False` adds `fc_norm`, the official `MAEEncoder.forward`.
-        """
-        body = tokens[:, 1:]
-        if pool == "avg":
-            out = body.mean(dim=1)
-        elif pool == "cls":
-            out = tokens[:, 0]
-        elif pool == "channelwise":
-            T = self.encoder.vit_backbone.tokens_per_channel
-            out = body.reshape(body.shape[0], -1, T, body.shape[-1]).mean(dim=2).flatten(1)
-        else:
-            raise ValueError(f"unknown pool {pool!r}; choose 'avg', 'channelwise' or 'cls'")
-        return out if pre_logits else self.encoder.vit_backbone.fc_norm(out)
+        """Pool encoder tokens [B, 1 + C*T, D] (see `pool_tokens`). `pre_logits=True` returns the pooled tokens as
+        they are (`predict`'s embedding); `pre_logits=False` adds `fc_norm`, the official `MAEEncoder.forward`."""
+        vit = self.encoder.vit_backbone
+        out = pool_tokens(tokens, pool, vit.tokens_per_channel)
+        return out if pre_logits else vit.fc_norm(out)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:

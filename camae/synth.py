@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,42 +25,12 @@ import pandas as pd
 from PIL import Image
 from scipy.ndimage import gaussian_filter, zoom
 
-from camae.config import save_config
+from camae.config import SynthConfig, save_config
 
 CHANNELS = ["nuclei", "er", "actin", "rna", "mito", "golgi"]  # RxRx1 w1..w6 stains
 TRAITS = ["nuc_radius", "nuc_elong", "cell_radius", "dna", "er", "actin", "rna", "mito_spots", "er_texture",
           "golgi_spread"]
 ROWS = "ABCDEFGHIJKLMNOP"
-
-
-@dataclass
-class SynthConfig:
-    """Size and difficulty of the synthetic dataset."""
-
-    experiments: int = 2
-    """Experiments (batches); each has its own shift on top of per-plate effects."""
-    plates_per_experiment: int = 2
-    """Plates per experiment, numbered 1.. as in RxRx1."""
-    wells_per_plate: int = 30
-    """Wells used per plate (filled row-major on a 16x24 plate)."""
-    controls_per_plate: int = 6
-    """Negative-control wells per plate (well_type negative_control, sirna EMPTY)."""
-    classes: int = 4
-    """Perturbation classes; every plate holds each of them in (wells - controls) / classes wells."""
-    sites_per_well: int = 2
-    """Imaged sites per well."""
-    size: int = 256
-    """Image side in pixels."""
-    cells_per_site: float = 22.0
-    """Mean number of cells per site (Poisson)."""
-    effect_size: float = 1.0
-    """Class effect in units of the per-cell trait spread (1: a cell's own variation is as large)."""
-    batch_effect: float = 1.0
-    """Scale of the plate and experiment effects (0: none)."""
-    seed: int = 0
-    """Seed of everything."""
-    workers: int = 0
-    """Processes that render sites; 0: one per CPU."""
 
 
 # ----------------------------------------------------------------------------------------------------------------

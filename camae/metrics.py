@@ -1,0 +1,35 @@
+"""Classification metrics with the names every camae run logs (`val/accuracy`, `test/macro_f1`, ...), so MLflow
+lines up fine-tunes, sweeps and probes. Thin, pure wrappers over scikit-learn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
+
+
+def classification_metrics(y_true, y_pred, prefix: str = "") -> dict[str, float]:
+    """accuracy, macro_f1 and balanced_accuracy, keyed `{prefix}/{name}` (or bare names without a prefix)."""
+    key = (lambda name: f"{prefix}/{name}") if prefix else (lambda name: name)
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    return {key("accuracy"): float(accuracy_score(y_true, y_pred)),
+            key("macro_f1"): float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+            key("balanced_accuracy"): float(balanced_accuracy_score(y_true, y_pred))}
+
+
+def per_class_table(y_true, y_pred, names: list[str]) -> pd.DataFrame:
+    """Precision, recall, F1 and support per class."""
+    labels = np.arange(len(names))
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    return pd.DataFrame({"class": names, "precision": p, "recall": r, "f1": f, "support": s})
+
+
+def confusion(y_true, y_pred, num_classes: int) -> np.ndarray:
+    """Counts [true, predicted] over all classes, also those absent from this split."""
+    return confusion_matrix(y_true, y_pred, labels=np.arange(num_classes))

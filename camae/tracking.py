@@ -1,0 +1,70 @@
+"""MLflow glue: where runs go, how configs become params, and per-epoch metrics from workers.
+
+A run is created by the driver (`start_run`), which logs the flattened resolved config, tags and the config
+file; training workers log metrics into that run by id (`log_metrics`), so nothing depends on an active run in
+the worker process. Tracking URIs are made absolute, because Ray Tune trials change directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+
+def resolve_tracking_uri(uri: str | None, output_dir: str | os.PathLike) -> str:
+    """The config's URI, else $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db, with paths absolute."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output_dir) / 'mlflow.db'}"
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///")).expanduser().resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+    if "://" not in uri:  # a bare directory: MLflow 3 refuses file stores, so keep a database there instead
+        path = Path(uri).expanduser().resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path / 'mlflow.db'}"
+    return uri
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config dict -> {"train.lr": "0.001", ...}; lists and None as JSON."""
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out |= flatten(value, f"{name}.")
+        else:
+            out[name] = value if isinstance(value, str) else json.dumps(value)
+    return out
+
+
+def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict, tags: dict,
+              parent_run_id: str | None = None) -> str:
+    """Create a run (nested under parent_run_id if given) with params and tags; returns its id."""
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(experiment)
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    all_tags = {k: str(v) for k, v in tags.items()}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp.experiment_id, run_name=run_name, tags=all_tags)
+    items = list(params.items())
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in items[i:i + 100]])
+    return run.info.run_id
+
+
+def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """Log numeric metrics into a run by id (safe from any process)."""
+    client = MlflowClient(tracking_uri)
+    stamp = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), stamp, step) for k, v in metrics.items()])
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    MlflowClient(tracking_uri).set_terminated(run_id, status)

@@ -1,0 +1,416 @@
+"""Fine-tune OpenPhenom's encoder for classification with Ray Train (V2), tracked in MLflow.
+
+    camae finetune --config configs/finetune/quickstart.yaml [--set train.lr=3e-4 ...]
+    python -m finetune.train --config ...     # the same; for `ray job submit --working-dir . -- python -m ...`
+
+`run_finetune` is the driver: table, plate split and label map; an MLflow run; Ray Data streams; a
+`TorchTrainer` running `train_fn_per_worker`; then the best checkpoint is tested on the held-out plates and
+exported in the official OpenPhenom format. Modes: linear (frozen encoder), lora (peft adapters), full
+(layer-wise LR decay). Workers report once per epoch with a checkpoint, so a restarted worker group resumes from
+the last finished epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from camae.classifier import MAEClassifier
+from camae.config import FinetuneConfig, ModelConfig, from_dict, load_config, save_config, to_dict
+from camae.model import MAEModel
+from camae.model_config import DecoderConfig, EncoderConfig, MAEConfig
+
+log = logging.getLogger("camae.finetune")
+
+LORA_TARGETS = {"in_proj": r"blocks\.\d+\.in_proj", "attn_out_proj": r"blocks\.\d+\.attn_out_proj",
+                "mlp_out_proj": r"blocks\.\d+\.mlp_out_proj", "patch_embed": r"patch_embed\.proj"}
+CKPT_STATE, CKPT_METRICS = "state.pt", "metrics.json"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model, optimizer and schedule (plain torch/timm/peft; run in every worker)
+
+
+def build_base(cfg: ModelConfig) -> MAEModel:
+    """The pretrained model, or random weights (smoke runs) with a loud warning."""
+    if cfg.checkpoint:
+        return MAEModel.from_pretrained(cfg.checkpoint, bias_routing=cfg.bias_routing)
+    log.warning("model.checkpoint is not set: the encoder starts from RANDOM weights. Fine for smoke runs; for "
+                "real work point model.checkpoint at the downloaded OpenPhenom directory.")
+    # LayerScale starts at 1, not the pretraining 1e-4: with blocks muted, mean-pooled patch embeddings of
+    # per-channel standardized images are nearly the same for every image and nothing can be learned.
+    encoder = EncoderConfig(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, init_values=1.0,
+                            bias_routing=cfg.bias_routing or "legacy")
+    published = (cfg.embed_dim, cfg.depth, cfg.num_heads) == (384, 12, 6)
+    decoder = DecoderConfig() if published else DecoderConfig(embed_dim=32, depth=1, num_heads=2)
+    return MAEModel(MAEConfig(encoder=encoder, decoder=decoder))
+
+
+def build_model(cfg: FinetuneConfig, num_classes: int) -> tuple[torch.nn.Module, MAEModel]:
+    """The trainable model for cfg.train.mode, and the base model it started from (for the export)."""
+    base = build_base(cfg.model)
+    model = MAEClassifier.from_mae(base, num_classes, cfg.model.pool, cfg.model.head_dropout, cfg.model.head_norm)
+    model.encoder.set_drop_path(0.0 if cfg.train.mode == "linear" else cfg.model.drop_path_rate)
+    model.encoder.grad_checkpointing = cfg.model.grad_checkpointing
+    if cfg.train.mode == "linear":
+        model.encoder.requires_grad_(False)
+    elif cfg.train.mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = cfg.train.lora
+        targets = r"encoder\.(" + "|".join(LORA_TARGETS[t] for t in lora.targets) + ")"
+        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=targets, modules_to_save=["head", "head_norm"]))
+    return model, base
+
+
+def build_optimizer(model: torch.nn.Module, cfg: FinetuneConfig, steps_per_epoch: int):
+    """timm's AdamW (no decay on biases, norms, tokens; layer-wise LR decay in mode=full) and its warmup +
+    cosine schedule, stepped per optimizer update."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+
+    t = cfg.train
+    layer_decay = t.layer_decay if t.mode == "full" and t.layer_decay < 1 else None
+    optimizer = create_optimizer_v2(model, "adamw", lr=t.lr, weight_decay=t.weight_decay, layer_decay=layer_decay)
+    total = max(1, t.epochs * steps_per_epoch)
+    warmup = min(int(t.warmup_epochs * steps_per_epoch), total - 1)
+    scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=t.min_lr, warmup_t=warmup,
+                                  warmup_lr_init=t.lr * 0.01, t_in_epochs=False)
+    return optimizer, scheduler
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under DDP."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def autocast(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def run_epoch(model, batches, optimizer, scheduler, cfg: FinetuneConfig, device, step: int):
+    """One pass over the training shard; returns (mean loss, images, seconds, optimizer steps done so far)."""
+    model.train()
+    if cfg.train.mode == "linear":
+        unwrap(model).encoder.eval()  # frozen: no dropout or stochastic depth
+    t, accumulate = cfg.train, cfg.train.accumulate
+    total_loss, images, micro, start = 0.0, 0, 0, time.perf_counter()
+    for batch in batches:
+        x, y = batch["image"].to(device, non_blocking=True), batch["label_index"].to(device, non_blocking=True)
+        with autocast(device, t.precision):
+            loss = F.cross_entropy(model(x).float(), y)
+        (loss / accumulate).backward()
+        micro += 1
+        if micro % accumulate == 0:
+            step = _optimizer_step(model, optimizer, scheduler, t.grad_clip, step)
+        total_loss, images = total_loss + loss.item() * len(y), images + len(y)
+    if micro % accumulate:
+        step = _optimizer_step(model, optimizer, scheduler, t.grad_clip, step)
+    return total_loss / max(images, 1), images, time.perf_counter() - start, step
+
+
+def _optimizer_step(model, optimizer, scheduler, grad_clip, step: int) -> int:
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step_update(step + 1)
+    return step + 1
+
+
+@torch.no_grad()
+def predict(model, batches, device, precision: str = "auto") -> tuple[np.ndarray, np.ndarray, float]:
+    """(true labels, predicted labels, mean cross-entropy) over batches of {"image", "label_index"}."""
+    model.eval()
+    ys, preds, loss, n = [], [], 0.0, 0
+    for batch in batches:
+        x, y = batch["image"].to(device), batch["label_index"].to(device)
+        with autocast(device, precision):
+            logits = model(x).float()
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        n += len(y)
+        ys.append(y.cpu().numpy())
+        preds.append(logits.argmax(1).cpu().numpy())
+    if n == 0:
+        raise RuntimeError("the evaluation split produced no images; check data.val_groups / the split")
+    return np.concatenate(ys), np.concatenate(preds), loss / n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Ray Train worker
+
+
+def train_fn_per_worker(config: dict) -> None:
+    """Runs in every Ray Train worker: build, resume, train, validate (rank 0), report and checkpoint per epoch."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from camae.metrics import classification_metrics
+    from camae.tracking import log_metrics
+
+    cfg = from_dict(FinetuneConfig, config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.train.seed)
+    device = ray.train.torch.get_device() if world > 1 or cfg.run.use_gpu else torch.device("cpu")
+    model, _ = build_model(cfg, len(config["labels"]))
+    optimizer, scheduler = build_optimizer(model, cfg, config["steps_per_epoch"])
+    start_epoch, step = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / CKPT_STATE, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, step = state["epoch"] + 1, state["step"]
+        if rank == 0:
+            log.info("resuming from the checkpoint of epoch %d", state["epoch"])
+    model = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    for epoch in range(start_epoch, cfg.train.epochs):
+        batches = train_shard.iter_torch_batches(batch_size=cfg.train.batch_size, local_shuffle_buffer_size=
+                                                 4 * cfg.train.batch_size, local_shuffle_seed=cfg.train.seed + epoch)
+        loss, images, seconds, step = run_epoch(model, batches, optimizer, scheduler, cfg, device, step)
+        metrics = {"epoch": epoch, "train/loss": loss, "train/images_per_s": images * world / seconds,
+                   "lr": optimizer.param_groups[-1]["lr"]}
+        if rank == 0:
+            y, pred, val_loss = predict(unwrap(model), val_shard.iter_torch_batches(
+                batch_size=cfg.train.batch_size), device, cfg.train.precision)
+            metrics |= {"val/loss": val_loss, **classification_metrics(y, pred, "val")}
+        ckpt_dir = _write_checkpoint(unwrap(model), optimizer, scheduler, epoch, step, metrics, config) \
+            if rank == 0 else None
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
+        if rank == 0:
+            log_metrics(config["tracking_uri"], config["run_id"], metrics, step=epoch)
+            print(f"[camae] epoch {epoch + 1}/{cfg.train.epochs}  train/loss {loss:.4f}  val/loss {val_loss:.4f}  "
+                  f"val/accuracy {metrics['val/accuracy']:.3f}  {metrics['train/images_per_s']:.1f} img/s",
+                  flush=True)
+            if not config["local_mode"]:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)  # persisted by Ray Train; the local copy can go
+            _maybe_inject_fault(cfg, epoch, config["run_dir"])
+
+
+def _write_checkpoint(model, optimizer, scheduler, epoch: int, step: int, metrics: dict, config: dict) -> str:
+    """A checkpoint directory: weights (adapters included), optimizer, schedule, epoch, metrics, label names.
+    In-process runs (num_workers=0) keep it under run_dir/checkpoints, since no Ray storage copies it."""
+    base = Path(config["run_dir"]) / "checkpoints" if config["local_mode"] else Path(tempfile.mkdtemp())
+    path = base / f"epoch_{epoch:04d}"
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch, "step": step}, path / CKPT_STATE)
+    (path / CKPT_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+    (path / "labels.json").write_text(json.dumps({"names": config["labels"]}) + "\n")
+    return str(path)
+
+
+def _maybe_inject_fault(cfg: FinetuneConfig, epoch: int, run_dir: str) -> None:
+    marker = Path(run_dir) / "fault_injected"
+    if cfg.run.fault_injection_epoch == epoch and not marker.exists():
+        marker.write_text(f"killed after epoch {epoch}\n")
+        log.warning("fault injection: killing this worker after epoch %d", epoch)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The driver
+
+
+def prepare_data(cfg: FinetuneConfig, run_dir: Path):
+    """Synthesize the default data if asked and absent; table, split, label map, all saved in run_dir."""
+    from camae.data import LabelMap, assign_splits, read_table
+    from camae.synth import generate
+
+    root = Path(cfg.data.root)
+    if cfg.synth is not None and cfg.data.format == "rxrx1" and not (root / "metadata.csv").is_file():
+        log.info("no dataset at %s: writing synthetic plates there first", root)
+        generate(root, cfg.synth)
+    table = read_table(cfg.data)
+    table["split"] = assign_splits(table, cfg.data)
+    labels = LabelMap.from_labels(table["label"])
+    labels.save(run_dir / "labels.json")
+    table[["sample_id", "plate", "batch", "label", "is_control", "split"]].to_csv(run_dir / "splits.csv", index=False)
+    return table, labels
+
+
+def check_cpus(cfg: FinetuneConfig) -> None:
+    """Ray Data needs CPUs of its own: if training workers take them all, fit() hangs without an error."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    taken = cfg.run.num_workers * cfg.run.cpus_per_worker
+    if taken >= total:
+        raise ValueError(f"run.num_workers x run.cpus_per_worker = {taken} CPUs, but the cluster has {total}: "
+                         "Ray Data needs at least one CPU left to decode images; lower them")
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict:
+    """The whole job; returns a summary (best epoch, val and test metrics, export path, MLflow run)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig as RayDataConfig
+    from ray.train.torch import TorchTrainer
+
+    from camae.data import TRAIN_COLUMNS, build_dataset
+    from camae.tracking import flatten, resolve_tracking_uri, start_run
+
+    out = Path(cfg.run.output_dir).resolve()
+    run_dir = out / cfg.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ray.init(ignore_reinit_error=True, log_to_driver=True)
+    check_cpus(cfg)
+    table, labels = prepare_data(cfg, run_dir)
+    save_config(cfg, run_dir / "config.yaml")
+    tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri, out)
+    run_id = start_run(tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.run.name,
+                       flatten(to_dict(cfg)), {"camae.kind": "finetune", "camae.mode": cfg.train.mode,
+                                               "camae.dataset": Path(cfg.data.root).name,
+                                               "camae.channels": ",".join(cfg.data.channels)},
+                       parent_run_id=os.environ.get("CAMAE_PARENT_RUN_ID"))
+    train = table[table.split == "train"]
+    world = max(cfg.run.num_workers, 1)
+    steps_per_epoch = math.ceil(len(train) / (cfg.train.batch_size * world * cfg.train.accumulate))
+    datasets = {name: build_dataset(table[table.split == name], cfg.data, train=name == "train", label_map=labels,
+                                    columns=TRAIN_COLUMNS, skip_log=str(run_dir / "skipped"))
+                for name in ("train", "val")}
+    storage = Path(cfg.run.storage_path or out / "ray").resolve()
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"cfg": to_dict(cfg), "labels": list(labels.names), "run_id": run_id,
+                           "tracking_uri": tracking_uri, "steps_per_epoch": steps_per_epoch,
+                           "run_dir": str(run_dir), "local_mode": cfg.run.num_workers == 0},
+        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+                                     resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
+        run_config=RunConfig(name=cfg.run.name, storage_path=str(storage),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
+                                                                checkpoint_score_attribute=cfg.run.checkpoint_metric,
+                                                                checkpoint_score_order=cfg.run.checkpoint_mode),
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
+        datasets=datasets,
+        dataset_config=RayDataConfig(datasets_to_split=["train"]),
+    )
+    try:
+        result = trainer.fit()
+        summary = finish(cfg, result, table, labels, run_dir, tracking_uri, run_id)
+    except BaseException:
+        from camae.tracking import end_run
+
+        end_run(tracking_uri, run_id, "FAILED")
+        raise
+    return summary
+
+
+def best_checkpoint(result, cfg: FinetuneConfig, run_dir: Path) -> Path:
+    """The checkpoint directory with the best cfg.run.checkpoint_metric (Ray's ranking, or ours in-process)."""
+    sign = 1 if cfg.run.checkpoint_mode == "max" else -1
+    if result.best_checkpoints:
+        checkpoint, _ = max(result.best_checkpoints, key=lambda cm: sign * cm[1][cfg.run.checkpoint_metric])
+        return Path(checkpoint.path)
+    dirs = sorted((run_dir / "checkpoints").glob("epoch_*"))
+    if not dirs:
+        raise RuntimeError(f"training produced no checkpoint in {run_dir}")
+    return max(dirs, key=lambda d: sign * json.loads((d / CKPT_METRICS).read_text())[cfg.run.checkpoint_metric])
+
+
+def finish(cfg: FinetuneConfig, result, table, labels, run_dir: Path, tracking_uri: str, run_id: str) -> dict:
+    """Test the best checkpoint on the held-out plates, export it, log everything to MLflow."""
+    import mlflow
+
+    from camae.data import TRAIN_COLUMNS, build_dataset
+    from camae.metrics import classification_metrics, confusion, per_class_table
+    from camae.tracking import end_run, log_metrics
+
+    best = best_checkpoint(result, cfg, run_dir)
+    best_metrics = json.loads((best / CKPT_METRICS).read_text())
+    model, base = build_model(cfg, len(labels))
+    model.load_state_dict(torch.load(best / CKPT_STATE, map_location="cpu", weights_only=True)["model"])
+    device = torch.device("cuda" if cfg.run.use_gpu and torch.cuda.is_available() else "cpu")
+    model.to(device)
+    summary = {"run_id": run_id, "tracking_uri": tracking_uri, "best_epoch": best_metrics["epoch"],
+               **{k: v for k, v in best_metrics.items() if k.startswith("val/")}}
+    test = table[table.split == "test"]
+    if len(test):
+        ds = build_dataset(test, cfg.data, train=False, label_map=labels, columns=TRAIN_COLUMNS)
+        y, pred, loss = predict(model, ds.iter_torch_batches(batch_size=cfg.train.batch_size), device,
+                                cfg.train.precision)
+        summary |= {"test/loss": loss, **classification_metrics(y, pred, "test")}
+        per_class_table(y, pred, list(labels.names)).to_csv(run_dir / "per_class_test.csv", index=False)
+        _plot_confusion(confusion(y, pred, len(labels)), list(labels.names), run_dir / "confusion_test.png")
+    log_metrics(tracking_uri, run_id, {k: v for k, v in summary.items() if "/" in k}, step=best_metrics["epoch"])
+    export_dir, adapter_dir = run_dir / "export", run_dir / "adapter"
+    if cfg.train.mode == "lora":
+        model.save_pretrained(str(adapter_dir))  # the adapter + head on their own (peft format)
+        model = model.merge_and_unload()
+    model.cpu().export(base, export_dir, list(labels.names))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with mlflow.start_run(run_id=run_id):
+        for name in ("config.yaml", "labels.json", "splits.csv", "summary.json", "per_class_test.csv",
+                     "confusion_test.png"):
+            if (run_dir / name).is_file():
+                mlflow.log_artifact(str(run_dir / name))
+        mlflow.log_artifacts(str(export_dir), "export")
+        if adapter_dir.is_dir():
+            mlflow.log_artifacts(str(adapter_dir), "adapter")
+        if cfg.tracking.log_model:
+            mlflow.pytorch.log_model(model.eval(), name="model")
+    end_run(tracking_uri, run_id)
+    summary["export"] = str(export_dir)
+    return summary
+
+
+def _plot_confusion(matrix: np.ndarray, names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * len(names), 1 + 0.5 * len(names)))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=90)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (i, j), v in np.ndenumerate(matrix):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="finetune.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="a YAML in configs/finetune/")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(FinetuneConfig, args.config, args.set)
+    except ValueError as err:
+        print(f"finetune: error: {err}", file=sys.stderr)
+        return 2
+    summary = run_finetune(cfg)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
