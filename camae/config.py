@@ -224,7 +224,8 @@ class RunSection:
     max_failures: int = 0
     """Worker-group restarts Ray Train allows; a restarted run resumes from its last checkpoint."""
     fault_injection_epoch: int | None = None
-    """Testing recovery: kill the rank-0 worker process once, right after this epoch's checkpoint."""
+    """Testing recovery: kill the rank-0 worker process once, during the epoch after this one (once this
+    epoch's checkpoint is committed); the restarted run must resume at the next epoch."""
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 Every site holds cells drawn from a phenotype model with ten traits (nuclear size and elongation, cell size,
 per-stain intensities, mitochondria and nucleoli counts, ER texture, Golgi compactness). Controls sit at the
-baseline; perturbation k shifts a few traits along one of K/2 random directions, with a weak or strong grade, so
+baseline; perturbation k shifts three morphology traits (per-stain intensity scales vary per cell only: the model
+standardizes each channel of each image, so a uniform scale is invisible to it) along one of K/2 random
+directions, with a weak or strong grade, so
 classes 2j and 2j+1 are related (written to relationships.csv) and classes differ in kind and degree. Cells vary
 around their well's phenotype by about one class effect, so the signal is subtle per cell and clear per well.
 Plates carry batch effects (per-channel gain and offset, an illumination gradient, an experiment-wide shift)
@@ -30,6 +32,10 @@ from camae.config import SynthConfig, save_config
 CHANNELS = ["nuclei", "er", "actin", "rna", "mito", "golgi"]  # RxRx1 w1..w6 stains
 TRAITS = ["nuc_radius", "nuc_elong", "cell_radius", "dna", "er", "actin", "rna", "mito_spots", "er_texture",
           "golgi_spread"]
+# Traits a perturbation shifts: morphology, counts and texture. Whole-stain intensity scales (dna, er, actin, rna)
+# vary per cell only: a model that standardizes every channel of every image (OpenPhenom does) cannot see them.
+MORPHOLOGY = [TRAITS.index(t) for t in ("nuc_radius", "nuc_elong", "cell_radius", "mito_spots", "er_texture",
+                                         "golgi_spread")]
 ROWS = "ABCDEFGHIJKLMNOP"
 
 
@@ -44,7 +50,7 @@ def class_effects(cfg: SynthConfig) -> np.ndarray:
     for k in range(cfg.classes):
         if k % 2 == 0:
             direction = np.zeros(len(TRAITS))
-            traits = rng.choice(len(TRAITS), size=3, replace=False)
+            traits = rng.choice(MORPHOLOGY, size=3, replace=False)
             direction[traits] = rng.choice([-1.0, 1.0], size=3) * rng.uniform(0.8, 1.2, size=3)
         effects[k] = direction * cfg.effect_size * (0.7 if k % 2 == 0 else 1.3)
     return effects

@@ -187,6 +187,8 @@ def train_fn_per_worker(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     for epoch in range(start_epoch, cfg.train.epochs):
+        if rank == 0:
+            _maybe_inject_fault(cfg, epoch, config["run_dir"])
         batches = train_shard.iter_torch_batches(batch_size=cfg.train.batch_size, local_shuffle_buffer_size=
                                                  4 * cfg.train.batch_size, local_shuffle_seed=cfg.train.seed + epoch)
         loss, images, seconds, step = run_epoch(model, batches, optimizer, scheduler, cfg, device, step)
@@ -206,7 +208,6 @@ def train_fn_per_worker(config: dict) -> None:
                   flush=True)
             if not config["local_mode"]:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)  # persisted by Ray Train; the local copy can go
-            _maybe_inject_fault(cfg, epoch, config["run_dir"])
 
 
 def _write_checkpoint(model, optimizer, scheduler, epoch: int, step: int, metrics: dict, config: dict) -> str:
@@ -223,11 +224,16 @@ def _write_checkpoint(model, optimizer, scheduler, epoch: int, step: int, metric
 
 
 def _maybe_inject_fault(cfg: FinetuneConfig, epoch: int, run_dir: str) -> None:
+    """Testing recovery: once, kill this worker during the epoch after run.fault_injection_epoch, after waiting
+    out two controller polls so that epoch's checkpoint is committed (a report not yet collected by the
+    controller is lost with its worker, and its epoch is rightly run again)."""
     marker = Path(run_dir) / "fault_injected"
-    if cfg.run.fault_injection_epoch == epoch and not marker.exists():
-        marker.write_text(f"killed after epoch {epoch}\n")
-        log.warning("fault injection: killing this worker after epoch %d", epoch)
-        os.kill(os.getpid(), signal.SIGKILL)
+    if cfg.run.fault_injection_epoch is None or epoch != cfg.run.fault_injection_epoch + 1 or marker.exists():
+        return
+    time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)))
+    marker.write_text(f"killed during epoch {epoch}\n")
+    log.warning("fault injection: killing this worker during epoch %d", epoch)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------------------------------------------
