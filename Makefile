@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint bench clean
+.PHONY: install run demo test lint bench clean
 
 install: $(VENV)/.installed
 
@@ -13,9 +13,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-# The main job on the embedded default. Until the fine-tuning job lands: embed synthetic images with an
-# OpenPhenom-format model (random weights; pass ARGS="--checkpoint DIR" for the real one).
+# The main job on the embedded default: synthetic plates (written on first run), a Ray Train fine-tune tracked in
+# a local MLflow store. ARGS="--set key=value ..." overrides the config.
 run: install
+	$(BIN)/camae finetune --config configs/finetune/quickstart.yaml $(ARGS)
+
+# The model card's uses on synthetic images (random weights; ARGS="--checkpoint DIR" for the real ones).
+demo: install
 	$(BIN)/camae demo $(ARGS)
 
 lint: install

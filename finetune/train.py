@@ -375,8 +375,9 @@ def finish(cfg: FinetuneConfig, result, table, labels, run_dir: Path, tracking_u
         mlflow.log_artifacts(str(export_dir), "export")
         if adapter_dir.is_dir():
             mlflow.log_artifacts(str(adapter_dir), "adapter")
-        if cfg.tracking.log_model:
-            mlflow.pytorch.log_model(model.eval(), name="model")
+        if cfg.tracking.log_model:  # a traced (pt2) model; a batch of 2 keeps the batch size dynamic (1 is static)
+            example = np.zeros((2, len(cfg.data.channels), cfg.data.crop_size, cfg.data.crop_size), dtype=np.uint8)
+            mlflow.pytorch.log_model(model.eval(), name="model", input_example=example)
     end_run(tracking_uri, run_id)
     summary["export"] = str(export_dir)
     return summary
@@ -415,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = run_finetune(cfg)
     print(json.dumps(summary, indent=2))
+    print(f"\nMLflow UI: mlflow ui --backend-store-uri {summary['tracking_uri']} --host 127.0.0.1 --port 5000")
     return 0
 
 

@@ -54,7 +54,9 @@ def _history(summary: dict, key: str) -> list[float]:
 def test_mode_learns_tracks_and_exports(ray_session, tmp_path, data_root, mode):
     from finetune.train import build_model, run_finetune
 
-    cfg = config(tmp_path, data_root, f"train.mode={mode}", "train.epochs=6", f"run.name={mode}")
+    log_model = mode == "full"  # tracing the MLflow model costs time: once is enough
+    cfg = config(tmp_path, data_root, f"train.mode={mode}", "train.epochs=6", f"run.name={mode}",
+                 f"tracking.log_model={str(log_model).lower()}")
     summary = run_finetune(cfg)
     losses = _history(summary, "train/loss")
     assert len(losses) == 6 and losses[-1] < 0.95 * losses[0]  # learning happens
@@ -81,6 +83,13 @@ def test_mode_learns_tracks_and_exports(ray_session, tmp_path, data_root, mode):
     assert names == list(labels.names)
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch["image"]), model.eval()(batch["image"]), atol=1e-4, rtol=1e-4)
+    if log_model:  # the MLflow model predicts like the export
+        import mlflow
+
+        mlflow.set_tracking_uri(summary["tracking_uri"])
+        logged = mlflow.pytorch.load_model(f"runs:/{summary['run_id']}/model")
+        with torch.no_grad():
+            torch.testing.assert_close(logged(batch["image"]), loaded(batch["image"]), atol=1e-4, rtol=1e-4)
     encoder = MAEModel.from_pretrained(summary["export"]).encoder.vit_backbone
     assert torch.equal(encoder.blocks[0].mlp_out_proj.weight, loaded.encoder.blocks[0].mlp_out_proj.weight)
 
