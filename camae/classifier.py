@@ -57,7 +57,7 @@ class MAEClassifier(nn.Module):
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """Layer groups for timm's layer-wise LR decay: stem, one group per block, then norm and head."""
-        return {"stem": r"^encoder\.(cls_token|pos_embed|patch_embed)",
+        return {"stem": r"^encoder\.(?:cls_token|pos_embed|patch_embed)",
                 "blocks": [(r"^encoder\.blocks\.(\d+)", None), (r"^encoder\.fc_norm", (99999,))]}
 
     def no_weight_decay(self) -> set[str]:

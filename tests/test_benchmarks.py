@@ -28,3 +28,11 @@ def test_ingest_benchmark_runs(tmp_path):
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=600)
     rows = json.loads((tmp_path / "ingest.json").read_text())["rows"]
     assert {r["mode"] for r in rows} == {"ray", "dataloader", "single"} and all(r["sites"] == 60 for r in rows)
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_runs(tmp_path):
+    cmd = [sys.executable, "benchmarks/train_step.py", "--images", "32", "--epochs", "2", "--out", str(tmp_path)]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=600)
+    result = json.loads((tmp_path / "train_step.json").read_text())
+    assert result["ratio"] > 0 and len(result["ray"]) == len(result["plain"]) == 2

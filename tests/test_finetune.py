@@ -173,3 +173,29 @@ def test_export_of_lora_merges_adapters(tmp_path):
         loaded, _ = MAEClassifier.load(tmp_path / "export")
         torch.testing.assert_close(loaded(x), adapted, atol=1e-4, rtol=1e-4)
     assert np.isfinite(adapted.numpy()).all()
+
+
+def test_full_mode_decays_the_learning_rate_by_layer(tmp_path):
+    """timm's layer decay through the classifier's group_matcher: head 1, block i scale**(depth - i), stem last."""
+    from finetune.train import build_model, build_optimizer
+
+    cfg = config(tmp_path, tmp_path / "none", "train.mode=full", "train.layer_decay=0.5", "model.depth=3")
+    model, _ = build_model(cfg, 3)
+    optimizer, _ = build_optimizer(model, cfg, steps_per_epoch=10)
+    names = {id(p): n for n, p in model.named_parameters()}
+    scale = {names[id(p)]: g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    assert scale["head.weight"] == 1.0
+    assert scale["encoder.blocks.2.in_proj.weight"] == 0.5 and scale["encoder.blocks.0.in_proj.weight"] == 0.125
+    assert scale["encoder.patch_embed.proj.weight"] == 0.0625 and scale["encoder.cls_token"] == 0.0625
+    assert "encoder.pos_embed" not in scale  # fixed sin-cos table: not optimized
+
+
+def test_lora_mode_trains_only_adapters_and_head(tmp_path):
+    from finetune.train import build_model
+
+    cfg = config(tmp_path, tmp_path / "none", "train.mode=lora", "train.lora.targets=[in_proj, patch_embed]")
+    model, _ = build_model(cfg, 3)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("patch_embed.proj.lora_A" in n for n in trainable) and any("in_proj.lora_B" in n for n in trainable)
+    assert not any("attn_out_proj.lora" in n for n in trainable)
+    assert all("lora_" in n or "head" in n for n in trainable)
