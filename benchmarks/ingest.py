@@ -92,7 +92,7 @@ def run_mode(mode: str, root: str, workers: int, batch: int) -> dict:
     if mode == "ray":
         import ray
 
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         ds = build_dataset(table, cfg, train=False, label_map=labels, columns=TRAIN_COLUMNS)
         epoch = lambda: ds.iter_torch_batches(batch_size=batch)  # noqa: E731

@@ -98,7 +98,7 @@ def epochs_ray(cfg: FinetuneConfig, images: np.ndarray, labels: np.ndarray, clas
 
     from camae.config import to_dict
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = ray.data.from_items([{"image": im, "label_index": lab} for im, lab in zip(images, labels, strict=True)])
     ds = ds.materialize()

@@ -206,7 +206,9 @@ def train_fn_per_worker(config: dict) -> None:
             print(f"[camae] epoch {epoch + 1}/{cfg.train.epochs}  train/loss {loss:.4f}  val/loss {val_loss:.4f}  "
                   f"val/accuracy {metrics['val/accuracy']:.3f}  {metrics['train/images_per_s']:.1f} img/s",
                   flush=True)
-            if not config["local_mode"]:
+            if config["local_mode"]:
+                prune_local_checkpoints(cfg, Path(config["run_dir"]))
+            else:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)  # persisted by Ray Train; the local copy can go
 
 
@@ -324,16 +326,32 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     return summary
 
 
+def rank_local_checkpoints(cfg: FinetuneConfig, run_dir: Path) -> list[Path]:
+    """In-process checkpoints under run_dir/checkpoints, best cfg.run.checkpoint_metric first."""
+    sign = 1 if cfg.run.checkpoint_mode == "max" else -1
+    score = lambda d: sign * json.loads((d / CKPT_METRICS).read_text())[cfg.run.checkpoint_metric]  # noqa: E731
+    return sorted((run_dir / "checkpoints").glob("epoch_*"), key=score, reverse=True)
+
+
+def prune_local_checkpoints(cfg: FinetuneConfig, run_dir: Path) -> None:
+    """Keep the best run.keep_checkpoints and the latest (to resume from); Ray does this for its own storage."""
+    ranked = rank_local_checkpoints(cfg, run_dir)
+    keep = set(ranked[:cfg.run.keep_checkpoints]) | {max(ranked)}
+    for d in ranked:
+        if d not in keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def best_checkpoint(result, cfg: FinetuneConfig, run_dir: Path) -> Path:
     """The checkpoint directory with the best cfg.run.checkpoint_metric (Ray's ranking, or ours in-process)."""
-    sign = 1 if cfg.run.checkpoint_mode == "max" else -1
     if result.best_checkpoints:
+        sign = 1 if cfg.run.checkpoint_mode == "max" else -1
         checkpoint, _ = max(result.best_checkpoints, key=lambda cm: sign * cm[1][cfg.run.checkpoint_metric])
         return Path(checkpoint.path)
-    dirs = sorted((run_dir / "checkpoints").glob("epoch_*"))
-    if not dirs:
+    ranked = rank_local_checkpoints(cfg, run_dir)
+    if not ranked:
         raise RuntimeError(f"training produced no checkpoint in {run_dir}")
-    return max(dirs, key=lambda d: sign * json.loads((d / CKPT_METRICS).read_text())[cfg.run.checkpoint_metric])
+    return ranked[0]
 
 
 def finish(cfg: FinetuneConfig, result, table, labels, run_dir: Path, tracking_uri: str, run_id: str) -> dict:

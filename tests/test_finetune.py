@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ def data_root(tmp_path_factory):
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
@@ -70,8 +71,12 @@ def test_mode_learns_tracks_and_exports(ray_session, tmp_path, data_root, mode):
             "export"} <= artifacts
     assert ("adapter" in artifacts) == (mode == "lora")
 
-    # the export reloads to the best checkpoint's predictions, and MAEModel reads its encoder
+    # in-process runs keep the best run.keep_checkpoints (2) and the latest
     run_dir = tmp_path / mode
+    kept = sorted(d.name for d in (run_dir / "checkpoints").iterdir())
+    assert f"epoch_{summary['best_epoch']:04d}" in kept and "epoch_0005" in kept and len(kept) <= 3
+
+    # the export reloads to the best checkpoint's predictions, and MAEModel reads its encoder
     labels = LabelMap.load(run_dir / "labels.json")
     best = run_dir / "checkpoints" / f"epoch_{summary['best_epoch']:04d}"
     model, _ = build_model(cfg, len(labels))
@@ -128,18 +133,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop_cluster(temp_dir: str, port: int) -> None:
+    """Stop only the cluster started with --temp-dir=temp_dir (`ray stop` would also kill this process's Ray)."""
+    import psutil
+
+    victims = {}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if proc.pid != os.getpid() and (temp_dir in cmdline or f":{port} " in f"{cmdline} "):
+            # its agents retitle themselves (ray::DashboardAgent), so take whole process trees
+            for p in [proc, *proc.children(recursive=True)]:
+                victims[p.pid] = p
+    for proc in victims.values():
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(list(victims.values()), timeout=30)
+    current = Path("/tmp/ray/ray_current_cluster")  # `ray start` points later ray.init() calls at its head
+    if current.is_file() and str(port) in current.read_text():
+        current.unlink()
+
+
 @pytest.mark.slow
 def test_ray_job_submit_against_a_local_head(tmp_path):
     """Exactly the README's cluster command: `ray start --head`, then `ray job submit --working-dir .`."""
+    import tempfile
+
     bin_dir = Path(sys.executable).parent
     # Ray 2.60's `ray start` turns token auth on (token in ~/.ray/auth_token); the job client must be told so
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "token"}
-    port, dash = _free_port(), _free_port()
-    subprocess.run(["ray", "start", "--head", "--num-cpus=2", f"--port={port}", f"--dashboard-port={dash}",
-                    "--include-dashboard=true", "--dashboard-host=127.0.0.1"], env=env, check=True,
-                   capture_output=True, timeout=180)
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    port, dash, agent, client = _free_port(), _free_port(), _free_port(), _free_port()
     try:
+        subprocess.run(["ray", "start", "--head", "--num-cpus=2", f"--port={port}", f"--dashboard-port={dash}",
+                        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
+                        f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}"],
+                       env=env, check=True, capture_output=True, timeout=180)
         overrides = [*TINY, f"data.root={tmp_path / 'plates'}", f"run.output_dir={tmp_path / 'out'}",
                      "train.epochs=1", "run.name=job", "train.mode=linear"]
         cmd = ["ray", "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO),
@@ -147,11 +179,15 @@ def test_ray_job_submit_against_a_local_head(tmp_path):
                "--", "python", "-m", "finetune.train", "--config", "configs/finetune/quickstart.yaml"]
         for item in overrides:
             cmd += ["--set", item]
-        job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        for _ in range(12):  # right after `ray start` the head may refuse with "No available agent": not a job run
+            job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in job.stdout + job.stderr:
+                break
+            time.sleep(5)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout and (tmp_path / "out" / "job" / "export" / "config.json").is_file()
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_cluster(temp_dir, port)
 
 
 def test_export_of_lora_merges_adapters(tmp_path):
