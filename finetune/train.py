@@ -209,7 +209,7 @@ def train_fn_per_worker(config: dict) -> None:
             if config["local_mode"]:
                 prune_local_checkpoints(cfg, Path(config["run_dir"]))
             else:
-                shutil.rmtree(ckpt_dir, ignore_errors=True)  # persisted by Ray Train; the local copy can go
+                shutil.rmtree(Path(ckpt_dir).parent, ignore_errors=True)  # persisted by Ray Train: drop the copy
 
 
 def _write_checkpoint(model, optimizer, scheduler, epoch: int, step: int, metrics: dict, config: dict) -> str:
