@@ -170,6 +170,7 @@ def train_fn_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed)
     device = ray.train.torch.get_device() if world > 1 or cfg.run.use_gpu else torch.device("cpu")
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed-shape crops: let cuDNN pick its fastest convs
     model, _ = build_model(cfg, len(config["labels"]))
     optimizer, scheduler = build_optimizer(model, cfg, config["steps_per_epoch"])
     start_epoch, step = 0, 0
