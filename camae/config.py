@@ -43,6 +43,11 @@ class DataConfig:
     channel_columns."""
     channel_columns: dict[str, str] = field(default_factory=dict)
     """manifest only: channel name -> column holding that channel's image path."""
+    image_column: str | None = None
+    """manifest only, instead of channel_columns: a column with one multi-channel file per site (a TIFF stack,
+    [C, H, W] or [H, W, C])."""
+    file_channels: list[str] = field(default_factory=list)
+    """With image_column: the names of the planes in each file, in file order (channels picks among them)."""
     label_column: str = "sirna"
     """Column with the perturbation label (rxrx1: sirna; jump: e.g. Metadata_JCP2022 after joining the plate
     map)."""

@@ -54,7 +54,7 @@ def read_table(cfg: DataConfig) -> pd.DataFrame:
     if duplicated.any():
         raise DataError(f"site {table['sample_id'][duplicated].iloc[0]} appears twice in the table; each row must "
                         "be one imaged site (plate, well, site)")
-    paths = [f"path_{c}" for c in cfg.channels]
+    paths = ["path"] if cfg.image_column else [f"path_{c}" for c in cfg.channels]
     return table[META_COLUMNS + paths + list(cfg.extra_columns)].reset_index(drop=True)
 
 
@@ -114,6 +114,15 @@ def _read_jump(cfg: DataConfig) -> pd.DataFrame:
 def _read_manifest(cfg: DataConfig) -> pd.DataFrame:
     table = Path(cfg.root)
     df = _read_any(table)
+    if cfg.image_column:
+        unknown = [c for c in cfg.channels if c not in cfg.file_channels]
+        if unknown:
+            raise ConfigError(f"data.channels has {unknown}, not in data.file_channels {cfg.file_channels} (the "
+                              "planes of each multi-channel file, in order)")
+        _require_columns(df, [cfg.image_column], str(table))
+        out = _common(df, cfg, cfg.plate_column, cfg.well_column, cfg.site_column, str(table))
+        out["path"] = [str(_resolve(table.parent, Path(str(p)))) for p in df[cfg.image_column]]
+        return out
     missing = [c for c in cfg.channels if c not in cfg.channel_columns]
     if missing:
         raise ConfigError(f"data.channel_columns names no column for channels {missing}")
@@ -205,8 +214,9 @@ def to_uint8(img: np.ndarray, cfg: DataConfig) -> np.ndarray:
     return np.rint(np.clip((img.astype(np.float32) - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
 
 
-def read_image(path: str) -> np.ndarray:
-    """One 2-D image (PNG, TIFF, ...) as an integer array; errors name the file."""
+def read_image(path: str, planes: int | None = None) -> np.ndarray:
+    """One 2-D image (PNG, TIFF, ...), or with `planes` a multi-channel stack as [planes, H, W]; integer pixels;
+    errors name the file."""
     if not os.path.isfile(path):
         raise DataError(f"image {path} does not exist")
     try:
@@ -222,15 +232,24 @@ def read_image(path: str) -> np.ndarray:
     except Exception as err:  # noqa: BLE001 - any decoder failure is a corrupt file to the user
         raise DataError(f"image {path} cannot be decoded ({type(err).__name__}: {err}); the file is corrupt or "
                         "not an image") from err
-    if img.ndim != 2 or not np.issubdtype(img.dtype, np.integer):
-        raise DataError(f"image {path} has shape {img.shape} and dtype {img.dtype}; expected one 2-D grayscale "
-                        "channel of uint8 or uint16 pixels per file")
+    if planes is not None and img.ndim == 3 and img.shape[-1] == planes and img.shape[0] != planes:
+        img = np.moveaxis(img, -1, 0)  # [H, W, C] -> [C, H, W]
+    expected = (planes,) if planes is not None else ()
+    if img.shape[:len(expected)] != expected or img.ndim != 2 + len(expected) or not np.issubdtype(img.dtype,
+                                                                                                   np.integer):
+        what = f"a stack of {planes} planes" if planes is not None else "one 2-D grayscale channel"
+        raise DataError(f"image {path} has shape {img.shape} and dtype {img.dtype}; expected {what} of uint8 or "
+                        "uint16 pixels per file")
     return img
 
 
 def load_site(row: dict, cfg: DataConfig) -> np.ndarray:
     """uint8 [C, H, W] for one table row; all channels must have the same size."""
-    planes = [to_uint8(read_image(row[f"path_{c}"]), cfg) for c in cfg.channels]
+    if cfg.image_column:
+        stack = read_image(row["path"], planes=len(cfg.file_channels))
+        planes = [to_uint8(stack[cfg.file_channels.index(c)], cfg) for c in cfg.channels]
+    else:
+        planes = [to_uint8(read_image(row[f"path_{c}"]), cfg) for c in cfg.channels]
     shapes = {p.shape for p in planes}
     if len(shapes) > 1:
         raise DataError(f"site {row['sample_id']} has channels of different sizes {sorted(shapes)}")

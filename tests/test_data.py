@@ -146,6 +146,32 @@ def test_manifest_with_named_columns(tmp_path, synth_root):
     assert table.label.tolist() == rx.label.tolist() and (table.batch == table.plate).all()
 
 
+@pytest.mark.parametrize("layout", ["CHW", "HWC"])
+def test_manifest_with_one_multichannel_file_per_site(tmp_path, layout):
+    rng = np.random.default_rng(0)
+    stacks = rng.integers(0, 2**16, (2, 3, 130, 140), dtype=np.uint16)
+    for i, stack in enumerate(stacks):
+        data = stack if layout == "CHW" else np.moveaxis(stack, 0, -1)
+        tifffile.imwrite(tmp_path / f"s{i}.tiff", data, photometric="minisblack")
+    pd.DataFrame({"plate": ["P1", "P2"], "well": ["A01", "A01"], "site": [1, 1], "label": ["x", "y"],
+                  "ctrl": ["no", "yes"], "file": ["s0.tiff", "s1.tiff"]}).to_csv(tmp_path / "m.csv", index=False)
+    cfg = DataConfig(format="manifest", root=str(tmp_path / "m.csv"), image_column="file",
+                     file_channels=["DNA", "ER", "Mito"], channels=["Mito", "DNA"], label_column="label",
+                     control_column="ctrl", control_values=["yes"], batch_column=None, crop_size=128,
+                     uint16_mapping="minmax")
+    table = read_table(cfg)
+    assert "path" in table.columns and table.is_control.tolist() == [False, True]
+    site = load_site(table.iloc[1].to_dict(), cfg)
+    assert site.shape == (2, 130, 140)
+    assert np.array_equal(site[0], to_uint8(stacks[1, 2], cfg)) and np.array_equal(site[1], to_uint8(stacks[1, 0], cfg))
+    cfg.file_channels, cfg.channels = ["DNA", "ER"], ["DNA"]  # but the files hold 3 planes
+    with pytest.raises(DataError, match=r"expected a stack of 2 planes"):
+        load_site(read_table(cfg).iloc[0].to_dict(), cfg)
+    cfg.channels = ["DNA", "AGP"]
+    with pytest.raises(ConfigError, match=r"\['AGP'\], not in data.file_channels"):
+        read_table(cfg)
+
+
 def test_missing_columns_are_named(tmp_path):
     pd.DataFrame({"plate": [1], "well": ["A01"]}).to_csv(tmp_path / "m.csv", index=False)
     cfg = DataConfig(format="manifest", root=str(tmp_path / "m.csv"), channels=["dna"],
