@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from camae import MAEModel
 from camae.checkpoint import read_config_json
@@ -29,14 +28,18 @@ log = logging.getLogger("camae")
 TINY_DIMS = {"embed_dim": 32, "depth": 2, "num_heads": 2}  # the shared test fixture's encoder
 
 
-def smooth_images(n: int, channels: int, size: int = 256, seed: int = 0) -> torch.Tensor:
-    """uint8 [n, channels, size, size] of smoothed noise with per-channel brightness: images with spatial
-    structure for smoke runs. Not Cell Painting: the synthetic plate generator is camae's data module's job."""
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.rand(n, channels, size // 8, size // 8, generator=g)
-    x = F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)
-    gain = torch.rand(1, channels, 1, 1, generator=g) * 0.8 + 0.2
-    return (x.clamp(0, 1) * gain * 255).round().to(torch.uint8)
+def synthetic_sites(n: int, channels: int, seed: int = 0) -> torch.Tensor:
+    """uint8 [n, channels, 256, 256]: sites from camae's synthetic Cell Painting generator (one plate, the
+    classes in turn), the first `channels` of its six stains."""
+    from camae.config import SynthConfig
+    from camae.synth import CHANNELS, class_effects, plate_effects, render_site
+
+    if not 1 <= channels <= len(CHANNELS):
+        raise ValueError(f"--channels {channels}: the synthetic sites have {len(CHANNELS)} stains ({CHANNELS})")
+    cfg = SynthConfig(seed=seed)
+    effects, plate = class_effects(cfg), plate_effects(cfg, 1, 1)
+    sites = [render_site(cfg, effects[i % cfg.classes], plate, [seed, 6, i]) for i in range(n)]
+    return torch.from_numpy(np.stack(sites)[:, :channels])
 
 
 def random_checkpoint(out: Path, tiny: bool, seed: int) -> Path:
@@ -60,7 +63,7 @@ def demo(args: argparse.Namespace) -> dict:
                     "embeddings mean nothing). Pass --checkpoint DIR with the downloaded OpenPhenom directory.")
         ckpt = random_checkpoint(out / "random-checkpoint", args.tiny, args.seed)
     model = MAEModel.from_pretrained(ckpt, map_location=args.device)
-    images = smooth_images(args.images, args.channels, seed=args.seed)
+    images = synthetic_sites(args.images, args.channels, seed=args.seed)
     start = time.perf_counter()
     pooled = torch.cat([model.predict(b) for b in images.split(args.batch_size)])
     seconds = time.perf_counter() - start
