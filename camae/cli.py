@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from camae import MAEModel
-from camae.checkpoint import read_config_json
+from camae.checkpoint import ZIP_MAGIC
 from camae.config import load_config
-from camae.model_config import HUB_CONFIG, MAEConfig
+from camae.model_config import HUB_CONFIG
 
 log = logging.getLogger("camae")
 
@@ -86,10 +86,10 @@ def demo(args: argparse.Namespace) -> dict:
 
 def info(args: argparse.Namespace) -> dict:
     """Describe a checkpoint directory after loading it strictly."""
-    config = MAEConfig.from_json_dict(read_config_json(args.path))
     model = MAEModel.from_pretrained(args.path)
-    weights = Path(args.path) / "model.safetensors"
-    container = "torch zip (official)" if weights.read_bytes()[:4] == b"PK\x03\x04" else "safetensors"
+    config = model.config
+    with open(Path(args.path) / "model.safetensors", "rb") as f:
+        container = "torch zip (official)" if f.read(len(ZIP_MAGIC)) == ZIP_MAGIC else "safetensors"
     enc, dec = config.encoder, config.decoder
     return {"path": str(Path(args.path).resolve()), "container": container,
             "tensors": len(model.state_dict()), "values": sum(t.numel() for t in model.state_dict().values()),

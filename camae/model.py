@@ -142,8 +142,7 @@ class ParallelScalingBlock(nn.Module):
     the q/k norms). timm >= 1.0.25 adds it to the hidden units only, `cat(mlp_bias, zeros(3D))` ("modern").
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, init_values: float | None,
-                 drop_path: float, bias_routing: str):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, init_values: float | None, bias_routing: str):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.mlp_hidden = int(dim * mlp_ratio)
@@ -156,7 +155,7 @@ class ParallelScalingBlock(nn.Module):
         self.attn_out_proj = nn.Linear(dim, dim)
         self.mlp_out_proj = nn.Linear(self.mlp_hidden, dim)
         self.ls = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = nn.Identity()  # stochastic depth: set per block by ChannelAgnosticViT.set_drop_path
 
     def fused_bias(self) -> torch.Tensor:
         """The bias of `in_proj`'s output [h + 3D], per the configured routing."""
@@ -189,7 +188,7 @@ class ChannelAgnosticViT(nn.Module):
         self.pos_embed = nn.Parameter(table, requires_grad=False)  # [1, 1 + max_in_chans*T, D]
         self.patch_embed = ChannelAgnosticPatchEmbed(cfg.patch_size, cfg.embed_dim)
         self.blocks = nn.ModuleList(
-            ParallelScalingBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.init_values, 0.0, cfg.bias_routing)
+            ParallelScalingBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.init_values, cfg.bias_routing)
             for _ in range(cfg.depth))
         self.set_drop_path(cfg.drop_path_rate)
         self.fc_norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
