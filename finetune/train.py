@@ -168,6 +168,7 @@ def train_fn_per_worker(config: dict) -> None:
     cfg = from_dict(FinetuneConfig, config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    in_process = cfg.run.num_workers == 0
     torch.manual_seed(cfg.train.seed)
     device = ray.train.torch.get_device() if world > 1 or cfg.run.use_gpu else torch.device("cpu")
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed-shape crops: let cuDNN pick its fastest convs
@@ -199,30 +200,33 @@ def train_fn_per_worker(config: dict) -> None:
             y, pred, val_loss = predict(unwrap(model), val_shard.iter_torch_batches(
                 batch_size=cfg.train.batch_size), device, cfg.train.precision)
             metrics |= {"val/loss": val_loss, **classification_metrics(y, pred, "val")}
-        ckpt_dir = _write_checkpoint(unwrap(model), optimizer, scheduler, epoch, step, metrics, config) \
-            if rank == 0 else None
+        ckpt_dir = None
+        if rank == 0:  # in-process runs keep checkpoints under run_dir, since no Ray storage copies them
+            base = Path(config["run_dir"]) / "checkpoints" if in_process else Path(tempfile.mkdtemp())
+            ckpt_dir = _write_checkpoint(base, unwrap(model), optimizer, scheduler, epoch, step, metrics,
+                                         config["labels"])
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
         if rank == 0:
             log_metrics(config["tracking_uri"], config["run_id"], metrics, step=epoch)
             print(f"[camae] epoch {epoch + 1}/{cfg.train.epochs}  train/loss {loss:.4f}  val/loss {val_loss:.4f}  "
                   f"val/accuracy {metrics['val/accuracy']:.3f}  {metrics['train/images_per_s']:.1f} img/s",
                   flush=True)
-            if config["local_mode"]:
+            if in_process:
                 prune_local_checkpoints(cfg, Path(config["run_dir"]))
             else:
                 shutil.rmtree(Path(ckpt_dir).parent, ignore_errors=True)  # persisted by Ray Train: drop the copy
 
 
-def _write_checkpoint(model, optimizer, scheduler, epoch: int, step: int, metrics: dict, config: dict) -> str:
-    """A checkpoint directory: weights (adapters included), optimizer, schedule, epoch, metrics, label names.
-    In-process runs (num_workers=0) keep it under run_dir/checkpoints, since no Ray storage copies it."""
-    base = Path(config["run_dir"]) / "checkpoints" if config["local_mode"] else Path(tempfile.mkdtemp())
+def _write_checkpoint(base: Path, model, optimizer, scheduler, epoch: int, step: int, metrics: dict,
+                      labels: list[str]) -> str:
+    """A checkpoint directory under `base`: weights (adapters included), optimizer, schedule, epoch, metrics,
+    label names."""
     path = base / f"epoch_{epoch:04d}"
     path.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "epoch": epoch, "step": step}, path / CKPT_STATE)
     (path / CKPT_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
-    (path / "labels.json").write_text(json.dumps({"names": config["labels"]}) + "\n")
+    (path / "labels.json").write_text(json.dumps({"names": labels}) + "\n")
     return str(path)
 
 
@@ -305,7 +309,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         train_fn_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "labels": list(labels.names), "run_id": run_id,
                            "tracking_uri": tracking_uri, "steps_per_epoch": steps_per_epoch,
-                           "run_dir": str(run_dir), "local_mode": cfg.run.num_workers == 0},
+                           "run_dir": str(run_dir)},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
         run_config=RunConfig(name=cfg.run.name, storage_path=str(storage),
