@@ -9,6 +9,7 @@ head and label names beside it; `MAEClassifier.load` reads such a directory back
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -17,8 +18,26 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from camae.model import ChannelAgnosticViT, MAEModel, normalize_images, pool_tokens
+from camae.model_config import DecoderConfig, EncoderConfig, MAEConfig
 
 HEAD_FILE, META_FILE = "head.safetensors", "classifier.json"
+log = logging.getLogger("camae")
+
+
+def base_model(cfg) -> MAEModel:
+    """The pretrained model named by `cfg.checkpoint` (an OpenPhenom directory or a camae export), or random
+    weights of cfg.embed_dim / depth / num_heads with a loud warning. `cfg`: a ModelConfig or EmbedConfig."""
+    if cfg.checkpoint:
+        return MAEModel.from_pretrained(cfg.checkpoint, bias_routing=cfg.bias_routing)
+    log.warning("no checkpoint is set: the encoder starts from RANDOM weights. Fine for smoke runs; for real work "
+                "point the config's checkpoint at the downloaded OpenPhenom directory.")
+    # LayerScale starts at 1, not the pretraining 1e-4: with blocks muted, mean-pooled patch embeddings of
+    # per-channel standardized images are nearly the same for every image and nothing can be learned.
+    encoder = EncoderConfig(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, init_values=1.0,
+                            bias_routing=cfg.bias_routing or "legacy")
+    published = (cfg.embed_dim, cfg.depth, cfg.num_heads) == (384, 12, 6)
+    decoder = DecoderConfig() if published else DecoderConfig(embed_dim=32, depth=1, num_heads=2)
+    return MAEModel(MAEConfig(encoder=encoder, decoder=decoder))
 
 
 class MAEClassifier(nn.Module):

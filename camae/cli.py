@@ -4,6 +4,10 @@
     camae info DIR                                       describe and strictly check an OpenPhenom directory
     camae synth --out DIR [--config F] [--set k=v ...]   write synthetic Cell Painting plates (RxRx1 layout)
     camae finetune --config F [--set k=v ...]            fine-tune with Ray Train (= python -m finetune.train)
+    camae sweep --config F [--set k=v ...]               Ray Tune sweep of fine-tunes (= python -m finetune.tune)
+    camae embed --config F [--set k=v ...]               embed plates into Parquet (Ray Data actor pool)
+    camae evaluate --config F [--set k=v ...]            probes, batch correction, biology metrics (= python -m
+                                                         evaluation.evaluate)
 """
 
 from __future__ import annotations
@@ -132,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     p.set_defaults(func=synth)
     sub.add_parser("finetune", help="fine-tune with Ray Train: camae finetune --config F [--set k=v ...]")
+    sub.add_parser("sweep", help="Ray Tune sweep of fine-tunes beside probe baselines: camae sweep --config F")
+    sub.add_parser("embed", help="embed plates into Parquet: camae embed --config F [--set k=v ...]")
+    sub.add_parser("evaluate", help="probes, batch correction, biology metrics: camae evaluate --config F")
     p = sub.add_parser("info", help="describe and strictly check an OpenPhenom checkpoint directory")
     p.add_argument("path")
     p.set_defaults(func=info)
@@ -140,10 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["finetune"]:  # the job's own entry point, shared with `ray job submit ... python -m finetune.train`
+    # The jobs' own entry points, shared with `ray job submit ... -- python -m <module>`
+    if argv[:1] == ["finetune"]:
         from finetune.train import main as finetune_main
 
         return finetune_main(argv[1:])
+    if argv[:1] == ["sweep"]:
+        from finetune.tune import main as sweep_main
+
+        return sweep_main(argv[1:])
+    if argv[:1] in (["evaluate"], ["embed"]):
+        from evaluation.evaluate import main as evaluate_main
+
+        return evaluate_main(argv[1:], only_embed=argv[0] == "embed")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:

@@ -266,6 +266,206 @@ class FinetuneConfig:
     default, so a fresh checkout runs)."""
 
 
+@dataclass
+class EmbedConfig:
+    """Embedding plates with a frozen encoder (`camae embed`), streamed by Ray Data through an actor pool."""
+
+    checkpoint: str | None = None
+    """An OpenPhenom directory or a camae fine-tune export (its encoder is used). None: random weights, with a
+    loud warning (smoke runs only)."""
+    embed_dim: int = 384
+    """Random weights only: encoder width."""
+    depth: int = 12
+    """Random weights only: encoder blocks."""
+    num_heads: int = 6
+    """Random weights only: attention heads."""
+    seed: int = 0
+    """Random weights only: the seed they are drawn with (the same seed gives the same encoder)."""
+    bias_routing: Literal["legacy", "modern"] | None = None
+    """Override the checkpoint's bias routing (default: what the checkpoint says)."""
+    output: str | None = None
+    """Parquet directory; default: run.output_dir/run.name/embeddings."""
+    channelwise: bool = False
+    """Also store the channel-wise embedding (one D-vector per channel, concatenated) as `embedding_channelwise`."""
+    blocks: bool = True
+    """Also store every encoder block's pooled output as `embedding_blocks` [depth * D] (for per-block probes)."""
+    batch_size: int = 32
+    """Crops per model call."""
+    sites_per_file: int = 512
+    """Sites per output Parquet file: the unit of resumption (finished files are skipped on a rerun)."""
+    actors: int = 0
+    """Model replicas in the actor pool; 0: one per GPU when the cluster has GPUs, else one."""
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    """One GPU per actor: auto uses them when the cluster has any."""
+    threads: int = 0
+    """CPU only: torch threads per actor; 0: the node's CPUs divided among the actors (decoding is light next to
+    the model, so the actors use the cores Ray Data's decode tasks leave idle)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 autocast on GPU, fp32 on CPU (embeddings are stored as float32 either way)."""
+
+
+@dataclass
+class CorrectionConfig:
+    """Batch correction of embeddings (evaluation.batch_correction), fitted on controls."""
+
+    methods: list[Literal["raw", "pca_centerscale", "tvn"]] = field(
+        default_factory=lambda: ["raw", "pca_centerscale", "tvn"])
+    """Embeddings evaluated: uncorrected, PCA-CenterScale (the model card's recipe) and Typical Variation
+    Normalization (EFAAR's)."""
+    by: Literal["batch", "plate"] = "batch"
+    """Unit of the per-batch StandardScaler (and TVN's CORAL step): the data's batch column, or each plate."""
+    n_components: int | None = None
+    """PCA components; None: as many as the fitting controls allow (min(controls - 1, D))."""
+    fit_on: Literal["train", "all"] = "train"
+    """Plates whose controls fit the PCA and the whitening: the training split (no test plate leaks into the
+    fitted projection), or all plates. The per-batch scalers always use each batch's own controls (labels play no
+    part in them)."""
+    coral: bool = True
+    """TVN: also align each batch's control covariance to that of all controls (CORAL, as EFAAR's TVN does)."""
+
+
+@dataclass
+class ProbeConfig:
+    """Frozen-embedding probes: the baselines every fine-tune is compared with."""
+
+    kinds: list[Literal["logistic", "knn"]] = field(default_factory=lambda: ["logistic", "knn"])
+    """scikit-learn LogisticRegression on standardized embeddings, and a cosine kNN classifier."""
+    C: float = 1.0
+    """Inverse L2 strength of the logistic regression."""
+    max_iter: int = 1000
+    """Logistic regression iterations."""
+    k: int = 5
+    """Neighbours of the kNN probe."""
+    per_block: bool = True
+    """Also fit the logistic probe on each encoder block's pooled output (needs embed.blocks)."""
+    per_block_correction: Literal["raw", "pca_centerscale", "tvn"] = "pca_centerscale"
+    """Correction applied before the per-block probes."""
+
+
+@dataclass
+class BiologyConfig:
+    """Biology metrics on well-level profiles."""
+
+    replicate_map: bool = True
+    """Mean average precision of retrieving a perturbation's replicate wells against control wells (copairs)."""
+    null_size: int = 10000
+    """Random rankings in the null distribution of average precision."""
+    fdr: float = 0.05
+    """Benjamini-Hochberg threshold on mAP p-values: a perturbation below it is "retrieved"."""
+    relationships: str | None = None
+    """CSV of known related pairs (columns perturbation_a, perturbation_b); default: relationships.csv in
+    data.root when it exists (the synthetic generator writes one)."""
+    relationship_percentile: float = 5.0
+    """A known pair is recalled when its cosine similarity is in the top or bottom this-% of all pairs."""
+    batch_effect: bool = True
+    """How well the plate is predicted from control embeddings (cross-validated logistic regression)."""
+    channel_leave_one_out: bool = True
+    """Re-embed with each channel left out in turn and repeat the logistic probe and mAP (slow: one embedding
+    pass per channel)."""
+    loo_correction: Literal["raw", "pca_centerscale", "tvn"] = "pca_centerscale"
+    """Correction used for the leave-one-out metrics."""
+
+
+@dataclass
+class OutputSection:
+    """Where an evaluation writes."""
+
+    name: str = "evaluate"
+    """Run name: outputs go to output_dir/name."""
+    output_dir: str = "outputs"
+    """Root of outputs (and of the default MLflow store)."""
+    plots: bool = True
+    """Write and log the plots (confusion, 2-D projections, per-block curve)."""
+
+
+@dataclass
+class EvaluateConfig:
+    """An evaluation: embed, correct, probe, measure. One YAML in configs/evaluate/ (also read by `camae embed`)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """The dataset and its split (the same keys as fine-tuning, so splits match)."""
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    """The encoder and the embedding pass."""
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)
+    """Batch correction."""
+    probes: ProbeConfig = field(default_factory=ProbeConfig)
+    """Classification probes."""
+    biology: BiologyConfig = field(default_factory=BiologyConfig)
+    """Replicate, relationship, batch and channel metrics."""
+    run: OutputSection = field(default_factory=OutputSection)
+    """Outputs."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow (log_model is unused here)."""
+    synth: SynthConfig | None = None
+    """If set and data.root holds no dataset yet, write these synthetic plates there first."""
+
+
+@dataclass
+class SchedulerSection:
+    """Early stopping of sweep trials."""
+
+    kind: Literal["asha", "none"] = "asha"
+    """ASHA (asynchronous successive halving) or none (every trial runs all epochs)."""
+    grace_period: int = 2
+    """ASHA: epochs every trial runs before it may be stopped."""
+    reduction_factor: float = 2.0
+    """ASHA: the fraction 1/reduction_factor of trials is promoted at each rung."""
+
+
+@dataclass
+class BaselineSection:
+    """The frozen-embedding probe baseline a sweep is compared with."""
+
+    enabled: bool = True
+    """Run (or reuse) the baseline probes on the sweep's split."""
+    config: str | None = None
+    """An evaluate YAML for the baseline (its data section is replaced by the sweep's); None: the defaults with
+    the sweep's encoder, all three corrections, biology metrics off."""
+    reuse: bool = True
+    """Reuse a finished baseline in the MLflow experiment with the same split, encoder and probe settings."""
+    set: list[str] = field(default_factory=list)
+    """Further `key=value` overrides of the baseline's evaluate config."""
+
+
+@dataclass
+class SweepSection:
+    """The search."""
+
+    search_space: dict[str, Any] = field(default_factory=dict)
+    """Finetune config key -> distribution, e.g. `train.lr: {loguniform: [1e-4, 1e-2]}`; kinds: choice, grid,
+    uniform, loguniform, randint; a plain value fixes the key."""
+    num_samples: int = 1
+    """Samples drawn from the space (grid keys are crossed with every sample)."""
+    metric: str = "val/accuracy"
+    """Metric trials are ranked and stopped by."""
+    mode: Literal["max", "min"] = "max"
+    """Whether higher or lower metric is better."""
+    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    """Early stopping."""
+    max_concurrent_trials: int = 0
+    """Trials at once; 0: as many as the cluster's CPUs and GPUs hold, leaving CPUs for Ray Data."""
+    seed: int = 0
+    """Seed of the random search."""
+
+
+@dataclass
+class SweepConfig:
+    """A Ray Tune sweep of fine-tunes: one YAML in configs/tune/."""
+
+    base: str = "configs/finetune/quickstart.yaml"
+    """The finetune YAML every trial starts from (relative paths: against the working directory)."""
+    finetune: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the base config shared by all trials, as a nested mapping (checked like the base)."""
+    sweep: SweepSection = field(default_factory=SweepSection)
+    """The search space, its size, metric and scheduler."""
+    baseline: BaselineSection = field(default_factory=BaselineSection)
+    """The frozen-embedding probe baseline."""
+    name: str = "sweep"
+    """Sweep name: outputs go to <the base's run.output_dir>/name (rerunning resumes it)."""
+    experiment: str | None = None
+    """MLflow experiment; default: the base config's tracking.experiment."""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Loading and saving
 

@@ -286,9 +286,9 @@ def drop_channels(image: np.ndarray, p: float, rng: np.random.Generator) -> np.n
 
 def decode_batch(batch: dict[str, np.ndarray], cfg: DataConfig, train: bool, label_map: LabelMap | None = None,
                  skip_log: str | None = None, columns: list[str] | None = None) -> dict[str, np.ndarray]:
-    """Table rows (columnar) -> image crops: {"image": uint8 [N, C, s, s], "tile": int64 [N], "label_index": int64
-    [N] (with a label map), metadata columns}, only `columns` if given. Bad sites raise, or with on_error=skip are
-    dropped and logged to skip_log."""
+    """Table rows (columnar) -> image crops: {"image": uint8 [N, C, s, s], "tile": int64 [N], "n_tiles": int64 [N]
+    (crops of that site), "label_index": int64 [N] (with a label map), metadata columns}, only `columns` if given.
+    Bad sites raise, or with on_error=skip are dropped and logged to skip_log."""
     rng = np.random.default_rng()
     n = len(batch["sample_id"])
     images, keep, tiles, skipped = [], [], [], []
@@ -311,6 +311,7 @@ def decode_batch(batch: dict[str, np.ndarray], cfg: DataConfig, train: bool, lab
     shape = (0, len(cfg.channels), cfg.crop_size, cfg.crop_size)
     out["image"] = np.stack(images) if images else np.zeros(shape, dtype=np.uint8)
     out["tile"] = np.array(tiles, dtype=np.int64)
+    out["n_tiles"] = np.bincount(keep, minlength=n)[keep].astype(np.int64) if keep else np.zeros(0, np.int64)
     if label_map is not None:
         out["label_index"] = label_map.encode(out["label"])
     return out if columns is None else {k: out[k] for k in columns}
@@ -348,7 +349,8 @@ def build_dataset(table: pd.DataFrame, cfg: DataConfig, train: bool, label_map: 
     if train:
         table = table.sample(frac=1.0, random_state=cfg.seed)
     n_blocks = blocks or max(1, min(len(table), -(-len(table) // cfg.decode_batch_size)))
-    parts = [table.iloc[i::n_blocks] for i in range(n_blocks)] if n_blocks > 1 else [table]
+    size = -(-len(table) // n_blocks)  # contiguous blocks: a consumer writing per-file outputs sees files complete
+    parts = [table.iloc[i:i + size] for i in range(0, len(table), size)]
     ds = ray.data.from_pandas([p.reset_index(drop=True) for p in parts if len(p)])
     if train:
         ds = ds.randomize_block_order(seed=cfg.seed)
@@ -380,3 +382,11 @@ class SiteDataset:
         if self.label_map is not None:
             item["label_index"] = int(self.label_map.encode([row["label"]])[0])
         return item
+
+
+def split_fingerprint(table: pd.DataFrame) -> str:
+    """A short hash of which site is in which split: runs with the same fingerprint saw the same plates."""
+    import hashlib
+
+    lines = sorted(f"{s}:{p}" for s, p in zip(table["sample_id"], table["split"], strict=True))
+    return hashlib.sha1("\n".join(lines).encode()).hexdigest()[:12]

@@ -33,3 +33,12 @@ def per_class_table(y_true, y_pred, names: list[str]) -> pd.DataFrame:
 def confusion(y_true, y_pred, num_classes: int) -> np.ndarray:
     """Counts [true, predicted] over all classes, also those absent from this split."""
     return confusion_matrix(y_true, y_pred, labels=np.arange(num_classes))
+
+
+def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
+    """A GitHub-style Markdown table of a DataFrame (floats to `digits` places; pandas' own needs `tabulate`)."""
+    cols = list(frame.columns)
+    fmt = lambda v: f"{v:.{digits}f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"

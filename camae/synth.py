@@ -227,3 +227,24 @@ def generate(out: str | Path, cfg: SynthConfig | None = None) -> pd.DataFrame:
     pd.DataFrame(pairs, columns=["perturbation_a", "perturbation_b"]).to_csv(out / "relationships.csv", index=False)
     save_config(cfg, out / "synth.yaml")
     return meta
+
+
+def ensure_dataset(root: str | Path, cfg: SynthConfig) -> bool:
+    """Write synthetic plates to `root` unless they are there already (True if written). Plates made with other
+    settings are an error, not silently reused."""
+    from dataclasses import asdict
+
+    import yaml
+
+    root = Path(root)
+    if not (root / "metadata.csv").is_file():
+        generate(root, cfg)
+        return True
+    made = root / "synth.yaml"
+    if made.is_file():
+        old = yaml.safe_load(made.read_text())
+        diff = sorted(k for k, v in asdict(cfg).items() if k != "workers" and old.get(k) != v)
+        if diff:
+            raise ValueError(f"{root} holds synthetic plates made with other settings ({', '.join(diff)} differ from "
+                             "the config's synth section); delete the directory or point data.root elsewhere")
+    return False

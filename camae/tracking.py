@@ -68,3 +68,29 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step:
 
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(tracking_uri).set_terminated(run_id, status)
+
+
+def baseline_key(cfg, split: str) -> str:
+    """Identity of a probe baseline (an EvaluateConfig on a split): the same key means the same encoder, channels,
+    crops, corrections and probes on the same plates, so a sweep may reuse the runs instead of recomputing them."""
+    import hashlib
+
+    from camae.config import to_dict
+
+    d = to_dict(cfg)
+    ckpt = d["embed"]["checkpoint"]
+    identity = {"split": split, "checkpoint": str(Path(ckpt).resolve()) if ckpt else None,
+                "random": None if ckpt else [d["embed"][k] for k in ("embed_dim", "depth", "num_heads", "seed")],
+                "data": {k: d["data"][k] for k in ("channels", "crop_size", "eval_crop", "uint16_mapping")},
+                "correction": d["correction"], "probes": d["probes"]}
+    return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def find_runs(tracking_uri: str, experiment: str, tags: dict[str, str]) -> list:
+    """Finished runs of `experiment` carrying all `tags`."""
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    query = " and ".join([f"tags.`{k}` = '{v}'" for k, v in tags.items()] + ["attributes.status = 'FINISHED'"])
+    return client.search_runs([exp.experiment_id], filter_string=query, max_results=1000)

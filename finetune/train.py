@@ -29,10 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from camae.classifier import MAEClassifier
-from camae.config import FinetuneConfig, ModelConfig, from_dict, load_config, save_config, to_dict
+from camae.classifier import MAEClassifier, base_model
+from camae.config import FinetuneConfig, from_dict, load_config, save_config, to_dict
 from camae.model import MAEModel
-from camae.model_config import DecoderConfig, EncoderConfig, MAEConfig
 
 log = logging.getLogger("camae.finetune")
 
@@ -45,24 +44,9 @@ CKPT_STATE, CKPT_METRICS = "state.pt", "metrics.json"
 # The model, optimizer and schedule (plain torch/timm/peft; run in every worker)
 
 
-def build_base(cfg: ModelConfig) -> MAEModel:
-    """The pretrained model, or random weights (smoke runs) with a loud warning."""
-    if cfg.checkpoint:
-        return MAEModel.from_pretrained(cfg.checkpoint, bias_routing=cfg.bias_routing)
-    log.warning("model.checkpoint is not set: the encoder starts from RANDOM weights. Fine for smoke runs; for "
-                "real work point model.checkpoint at the downloaded OpenPhenom directory.")
-    # LayerScale starts at 1, not the pretraining 1e-4: with blocks muted, mean-pooled patch embeddings of
-    # per-channel standardized images are nearly the same for every image and nothing can be learned.
-    encoder = EncoderConfig(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, init_values=1.0,
-                            bias_routing=cfg.bias_routing or "legacy")
-    published = (cfg.embed_dim, cfg.depth, cfg.num_heads) == (384, 12, 6)
-    decoder = DecoderConfig() if published else DecoderConfig(embed_dim=32, depth=1, num_heads=2)
-    return MAEModel(MAEConfig(encoder=encoder, decoder=decoder))
-
-
 def build_model(cfg: FinetuneConfig, num_classes: int) -> tuple[torch.nn.Module, MAEModel]:
     """The trainable model for cfg.train.mode, and the base model it started from (for the export)."""
-    base = build_base(cfg.model)
+    base = base_model(cfg.model)
     model = MAEClassifier.from_mae(base, num_classes, cfg.model.pool, cfg.model.head_dropout, cfg.model.head_norm)
     model.encoder.set_drop_path(0.0 if cfg.train.mode == "linear" else cfg.model.drop_path_rate)
     model.encoder.grad_checkpointing = cfg.model.grad_checkpointing
@@ -250,12 +234,10 @@ def _maybe_inject_fault(cfg: FinetuneConfig, epoch: int, run_dir: str) -> None:
 def prepare_data(cfg: FinetuneConfig, run_dir: Path):
     """Synthesize the default data if asked and absent; table, split, label map, all saved in run_dir."""
     from camae.data import LabelMap, assign_splits, read_table
-    from camae.synth import generate
+    from camae.synth import ensure_dataset
 
-    root = Path(cfg.data.root)
-    if cfg.synth is not None and cfg.data.format == "rxrx1" and not (root / "metadata.csv").is_file():
-        log.info("no dataset at %s: writing synthetic plates there first", root)
-        generate(root, cfg.synth)
+    if cfg.synth is not None and cfg.data.format == "rxrx1" and ensure_dataset(cfg.data.root, cfg.synth):
+        log.info("wrote synthetic plates to %s (the config's synth section)", cfg.data.root)
     table = read_table(cfg.data)
     table["split"] = assign_splits(table, cfg.data)
     labels = LabelMap.from_labels(table["label"])
@@ -275,14 +257,16 @@ def check_cpus(cfg: FinetuneConfig) -> None:
                          "Ray Data needs at least one CPU left to decode images; lower them")
 
 
-def run_finetune(cfg: FinetuneConfig) -> dict:
-    """The whole job; returns a summary (best epoch, val and test metrics, export path, MLflow run)."""
+def run_finetune(cfg: FinetuneConfig, parent_run_id: str | None = None, callbacks: list | None = None,
+                 tags: dict | None = None) -> dict:
+    """The whole job; returns a summary (best epoch, val and test metrics, export path, MLflow run). A sweep
+    trial passes its MLflow parent run, Ray Train callbacks (TuneReportCallback) and extra run tags."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train import DataConfig as RayDataConfig
     from ray.train.torch import TorchTrainer
 
-    from camae.data import TRAIN_COLUMNS, build_dataset
+    from camae.data import TRAIN_COLUMNS, build_dataset, split_fingerprint
     from camae.tracking import flatten, resolve_tracking_uri, start_run
 
     out = Path(cfg.run.output_dir).resolve()
@@ -296,8 +280,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     run_id = start_run(tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.run.name,
                        flatten(to_dict(cfg)), {"camae.kind": "finetune", "camae.mode": cfg.train.mode,
                                                "camae.dataset": Path(cfg.data.root).name,
-                                               "camae.channels": ",".join(cfg.data.channels)},
-                       parent_run_id=os.environ.get("CAMAE_PARENT_RUN_ID"))
+                                               "camae.channels": ",".join(cfg.data.channels),
+                                               "camae.split": split_fingerprint(table), **(tags or {})},
+                       parent_run_id=parent_run_id or os.environ.get("CAMAE_PARENT_RUN_ID"))
     train = table[table.split == "train"]
     world = max(cfg.run.num_workers, 1)
     steps_per_epoch = math.ceil(len(train) / (cfg.train.batch_size * world * cfg.train.accumulate))
@@ -316,7 +301,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
                                                                 checkpoint_score_attribute=cfg.run.checkpoint_metric,
                                                                 checkpoint_score_order=cfg.run.checkpoint_mode),
-                             failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                             callbacks=callbacks),
         datasets=datasets,
         dataset_config=RayDataConfig(datasets_to_split=["train"]),
     )
@@ -365,6 +351,7 @@ def finish(cfg: FinetuneConfig, result, table, labels, run_dir: Path, tracking_u
 
     from camae.data import TRAIN_COLUMNS, build_dataset
     from camae.metrics import classification_metrics, confusion, per_class_table
+    from camae.plots import plot_confusion
     from camae.tracking import end_run, log_metrics
 
     best = best_checkpoint(result, cfg, run_dir)
@@ -382,7 +369,7 @@ def finish(cfg: FinetuneConfig, result, table, labels, run_dir: Path, tracking_u
                                 cfg.train.precision)
         summary |= {"test/loss": loss, **classification_metrics(y, pred, "test")}
         per_class_table(y, pred, list(labels.names)).to_csv(run_dir / "per_class_test.csv", index=False)
-        _plot_confusion(confusion(y, pred, len(labels)), list(labels.names), run_dir / "confusion_test.png")
+        plot_confusion(confusion(y, pred, len(labels)), list(labels.names), run_dir / "confusion_test.png")
     log_metrics(tracking_uri, run_id, {k: v for k, v in summary.items() if "/" in k}, step=best_metrics["epoch"])
     export_dir, adapter_dir = run_dir / "export", run_dir / "adapter"
     if cfg.train.mode == "lora":
@@ -404,25 +391,6 @@ def finish(cfg: FinetuneConfig, result, table, labels, run_dir: Path, tracking_u
     end_run(tracking_uri, run_id)
     summary["export"] = str(export_dir)
     return summary
-
-
-def _plot_confusion(matrix: np.ndarray, names: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1 + 0.5 * len(names), 1 + 0.5 * len(names)))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(names)), names, rotation=90)
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for (i, j), v in np.ndenumerate(matrix):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

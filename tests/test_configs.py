@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from camae.config import ConfigError, DataConfig, FinetuneConfig, load_config
+from camae.config import ConfigError, DataConfig, EvaluateConfig, FinetuneConfig, SweepConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-KINDS = {"data": DataConfig, "finetune": FinetuneConfig}
+KINDS = {"data": DataConfig, "finetune": FinetuneConfig, "evaluate": EvaluateConfig, "tune": SweepConfig}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))

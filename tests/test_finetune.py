@@ -32,7 +32,7 @@ def config(tmp: Path, data: Path, *overrides: str) -> FinetuneConfig:
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("ft") / "plates"  # written by the first run (synth: {} in quickstart.yaml)
+    return tmp_path_factory.mktemp("ft") / "plates"  # written by the first run (quickstart.yaml's synth)
 
 
 @pytest.fixture(scope="module")

@@ -85,3 +85,14 @@ def test_plates_differ_and_classes_carry_signal(small_dataset):
         clf = LogisticRegression(max_iter=3000).fit(Xc[train], table.label[train])
         accuracy.append(clf.score(Xc[~train], table.label[~train]))
     assert 0.4 < np.mean(accuracy) < 0.95  # chance 0.2
+
+
+def test_ensure_dataset_writes_once_and_refuses_other_settings(tmp_path):
+    from camae.synth import ensure_dataset
+
+    cfg = SynthConfig(experiments=1, plates_per_experiment=1, wells_per_plate=3, controls_per_plate=1, classes=2,
+                      sites_per_well=1, workers=1)
+    assert ensure_dataset(tmp_path, cfg) is True
+    assert ensure_dataset(tmp_path, cfg) is False  # already there: reused
+    with pytest.raises(ValueError, match="made with other settings \\(effect_size differ"):
+        ensure_dataset(tmp_path, SynthConfig(**{**cfg.__dict__, "effect_size": 3.0}))

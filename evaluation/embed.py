@@ -1,0 +1,223 @@
+"""Embed whole plates with a frozen encoder, streamed: Ray Data decodes sites in parallel tasks and an actor pool
+runs the model (a GPU per actor when the cluster has them); the driver averages each site's crops and writes
+Parquet files of `embed.sites_per_file` sites as they complete.
+
+    camae embed --config configs/evaluate/quickstart.yaml [--set embed.checkpoint=DIR ...]
+
+Output directory:
+    embed.json           what was embedded (encoder, channels, crops); a rerun with other settings is refused
+    part-00000.parquet   metadata columns + `embedding` (float32 [D]) [+ `embedding_channelwise` [C*D]]
+    ...                  [+ `embedding_blocks` [depth*D]]; a rerun skips finished files (resumable per file)
+    skipped/             sites skipped under data.on_error=skip, with the reason
+Memory is bounded: images never reach the driver, which holds only the embeddings of files not yet complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from camae.config import DataConfig, EmbedConfig
+
+log = logging.getLogger("camae.embed")
+
+EMBED_COLUMNS = ("embedding", "embedding_channelwise", "embedding_blocks")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model replica (one per actor)
+
+
+class Embedder:
+    """A Ray Data actor: crops {"image": uint8 [N, C, s, s], "sample_id", "tile", "n_tiles"} -> their embeddings."""
+
+    def __init__(self, cfg: EmbedConfig, use_gpu: bool, threads: int):
+        from camae.classifier import base_model
+
+        if threads > 0 and not use_gpu:
+            torch.set_num_threads(threads)
+        torch.manual_seed(cfg.seed)  # random weights (smoke runs) are then the same in every actor and run
+        self.cfg = cfg
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        model = base_model(cfg)
+        self.model = model.to(self.device).eval()
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and use_gpu)
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {k: batch[k] for k in ("sample_id", "tile", "n_tiles")}
+        x = torch.from_numpy(batch["image"])
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            blocks = self.model.forward_intermediates(x) if self.cfg.blocks else [self.model.forward_features(x)]
+        out["embedding"] = self.model.forward_head(blocks[-1], pool="avg").float().cpu().numpy()
+        if self.cfg.channelwise:
+            out["embedding_channelwise"] = self.model.forward_head(blocks[-1], pool="channelwise").float().cpu().numpy()
+        if self.cfg.blocks:  # [N, depth * D], block-major
+            out["embedding_blocks"] = torch.cat([self.model.forward_head(b, pool="avg") for b in blocks], 1
+                                                ).float().cpu().numpy()
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The driver
+
+
+@dataclass
+class EmbedResult:
+    """What an embedding pass did."""
+
+    output: str
+    files: int
+    files_written: int
+    sites: int
+    skipped: int
+    seconds: float
+    crops_per_s: float
+
+
+def fingerprint(cfg: EmbedConfig, data: DataConfig, channels: list[str]) -> dict:
+    """The settings an embedding depends on; a resumed pass must match them exactly."""
+    ckpt = str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None
+    random = None if ckpt else {"embed_dim": cfg.embed_dim, "depth": cfg.depth, "num_heads": cfg.num_heads,
+                                "seed": cfg.seed}
+    return {"checkpoint": ckpt, "random_weights": random, "bias_routing": cfg.bias_routing, "channels": channels,
+            "crop_size": data.crop_size, "eval_crop": data.eval_crop, "uint16_mapping": data.uint16_mapping,
+            "channelwise": cfg.channelwise, "blocks": cfg.blocks, "sites_per_file": cfg.sites_per_file,
+            "format": data.format, "root": str(Path(data.root).resolve())}
+
+
+def plan_files(table: pd.DataFrame, sites_per_file: int) -> pd.DataFrame:
+    """Sites in (plate, well, site) order with the output file each lands in."""
+    table = table.sort_values(["plate", "well", "site"]).reset_index(drop=True)
+    table["file"] = [f"part-{i // sites_per_file:05d}.parquet" for i in range(len(table))]
+    return table
+
+
+def embed_table(table: pd.DataFrame, data: DataConfig, cfg: EmbedConfig, out: str | Path,
+                channels: list[str] | None = None) -> EmbedResult:
+    """Embed every site of `table` (read_table's columns) into Parquet files under `out`, skipping files a
+    previous pass finished. `channels` picks a subset of data.channels (channel leave-one-out)."""
+    import ray
+
+    from camae.data import build_dataset, skipped_report
+
+    out = Path(out)
+    channels = list(channels or data.channels)
+    unknown = [c for c in channels if c not in data.channels]
+    if unknown:
+        raise ValueError(f"channels {unknown} are not among data.channels {data.channels}")
+    data = DataConfig(**{**asdict(data), "channels": channels})
+    stamp = fingerprint(cfg, data, channels)
+    _check_or_write_stamp(out, stamp)
+    plan = plan_files(table, cfg.sites_per_file)
+    done = {f for f in plan["file"].unique() if (out / f).is_file()}
+    todo = plan[~plan["file"].isin(done)]
+    start = time.perf_counter()
+    if done:
+        log.info("%s: %d of %d files already written; embedding the other %d", out, len(done),
+                 plan["file"].nunique(), todo["file"].nunique())
+    crops = 0
+    if len(todo):
+        use_gpu = _use_gpu(cfg)
+        actors = cfg.actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if use_gpu else 1)
+        threads = cfg.threads or max(1, (os.cpu_count() or 1) // actors)
+        if data.image_column is None:
+            todo = todo.drop(columns=[c for c in todo.columns if c.startswith("path_") and
+                                      c.removeprefix("path_") not in channels])
+        ds = build_dataset(todo.drop(columns="file"), data, train=False, skip_log=str(out / "skipped"))
+        ds = ds.map_batches(Embedder, fn_constructor_kwargs={"cfg": cfg, "use_gpu": use_gpu, "threads": threads},
+                            batch_size=cfg.batch_size, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=actors),
+                            num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)
+        crops = _write_as_completed(ds.iter_batches(batch_size=None, batch_format="numpy"), todo, out)
+    skipped = len(skipped_report(out / "skipped")) if (out / "skipped").is_dir() else 0
+    seconds = time.perf_counter() - start
+    return EmbedResult(str(out), plan["file"].nunique(), todo["file"].nunique(), len(plan), skipped,
+                       round(seconds, 2), round(crops / seconds, 2) if crops else 0.0)
+
+
+def _use_gpu(cfg: EmbedConfig) -> bool:
+    import ray
+
+    has = ray.cluster_resources().get("GPU", 0) > 0
+    if cfg.use_gpu == "yes" and not has:
+        raise ValueError("embed.use_gpu=yes but the Ray cluster has no GPU; set embed.use_gpu=auto or no")
+    return cfg.use_gpu == "yes" or (cfg.use_gpu == "auto" and has)
+
+
+def _check_or_write_stamp(out: Path, stamp: dict) -> None:
+    path = out / "embed.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != stamp:
+            diff = sorted(k for k in stamp if old.get(k) != stamp[k])
+            raise ValueError(f"{out} holds embeddings made with other settings ({', '.join(diff)} differ); "
+                             "delete it or set embed.output to a new directory")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(stamp, indent=2) + "\n")
+
+
+def _write_as_completed(batches, plan: pd.DataFrame, out: Path) -> int:
+    """Collect crop embeddings per site; write each file once all its sites are in (the rest at the end: files
+    with skipped sites). Returns the number of crops seen."""
+    file_of = dict(zip(plan["sample_id"], plan["file"], strict=True))
+    waiting = plan.groupby("file")["sample_id"].apply(set).to_dict()  # file -> sites not yet complete
+    crops: dict[str, list] = {}  # sample_id -> [(tile, {column: vector})]
+    seen = 0
+    for batch in batches:
+        columns = [c for c in EMBED_COLUMNS if c in batch]
+        for i, sid in enumerate(batch["sample_id"]):
+            crops.setdefault(sid, []).append({c: batch[c][i] for c in columns})
+            if len(crops[sid]) == batch["n_tiles"][i]:
+                waiting[file_of[sid]].discard(sid)
+        seen += len(batch["sample_id"])
+        for name in [f for f, left in waiting.items() if not left]:
+            _write_file(plan[plan["file"] == name], crops, out / name)
+            del waiting[name]
+    for name in list(waiting):  # sites skipped by decoding never arrive
+        _write_file(plan[plan["file"] == name], crops, out / name)
+    return seen
+
+
+def _write_file(rows: pd.DataFrame, crops: dict, path: Path) -> None:
+    """One Parquet file: metadata + the mean over each site's crops; written to a temp name, then renamed."""
+    rows = rows[rows["sample_id"].isin(crops.keys())]
+    meta = rows.drop(columns=["file"] + [c for c in rows.columns if c.startswith("path")]).reset_index(drop=True)
+    table = pa.Table.from_pandas(meta, preserve_index=False)
+    for column in crops[rows["sample_id"].iloc[0]][0] if len(rows) else []:
+        values = np.stack([np.mean([c[column] for c in crops[s]], axis=0) for s in rows["sample_id"]])
+        table = table.append_column(column, pa.FixedSizeListArray.from_arrays(
+            pa.array(values.astype(np.float32).ravel()), values.shape[1]))
+    for s in rows["sample_id"]:
+        del crops[s]
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    log.info("wrote %s (%d sites)", path.name, len(rows))
+
+
+def load_embeddings(path: str | Path, column: str = "embedding") -> tuple[pd.DataFrame, np.ndarray]:
+    """All files of an embedding directory: (metadata, float32 [sites, dim] of `column`)."""
+    files = sorted(Path(path).glob("part-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{path} holds no part-*.parquet files; run `camae embed` first")
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    if column not in table.column_names:
+        raise KeyError(f"{path} has no column {column!r} (it has {table.column_names}); embed with the matching "
+                       "embed.channelwise / embed.blocks setting")
+    array = table.column(column).combine_chunks()
+    width = array.type.list_size
+    values = array.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+    meta = table.drop_columns([c for c in EMBED_COLUMNS if c in table.column_names]).to_pandas()
+    return meta, values

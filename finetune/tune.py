@@ -1,0 +1,437 @@
+"""Ray Tune sweeps of fine-tunes, in MLflow beside the frozen-embedding probe baselines.
+
+    camae sweep --config configs/tune/quickstart.yaml [--set sweep.num_samples=8 ...] [--restart]
+    python -m finetune.tune --config ...     # the same; for `ray job submit --working-dir . -- python -m ...`
+
+`run_sweep` is the driver: it checks the search space against the fine-tuning config before any trial starts,
+opens a parent MLflow run, runs (or reuses) the probe baseline on the same split (`python -m evaluation.evaluate`
+in a subprocess: finetune never imports evaluation), then runs a `Tuner` whose function trainable `train_driver_fn`
+builds each trial's `TorchTrainer` (at least one Ray Train worker, so `TuneReportCallback` carries every epoch's
+metrics to Tune and ASHA). Each trial is a nested MLflow run. At the end: the comparison table (baseline probes and
+trials, by the sweep metric), the best trial's official-format export, both printed and logged.
+
+Rerunning the same command resumes an interrupted sweep (`Tuner.restore`): finished trials are not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from camae.config import (
+    ConfigError,
+    EvaluateConfig,
+    FinetuneConfig,
+    SweepConfig,
+    from_dict,
+    load_config,
+    save_config,
+    to_dict,
+)
+
+log = logging.getLogger("camae.sweep")
+
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+SHOWN = ["run", "kind", "mode", "correction", "val/accuracy", "test/accuracy", "test/macro_f1",
+         "test/balanced_accuracy"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The search space: YAML -> Tune distributions, checked against FinetuneConfig first
+
+
+def set_key(tree: dict, dotted: str, value) -> dict:
+    """tree with tree[a][b] = value for dotted "a.b" (a copy)."""
+    tree = copy.deepcopy(tree)
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"search space key '{dotted}': '{part}' is not a section")
+    node[leaf] = value
+    return tree
+
+
+def parse_space(space: dict) -> dict:
+    """{dotted key: ray.tune distribution or fixed value}; errors name the key."""
+    from ray import tune
+
+    out = {}
+    for key, spec in space.items():
+        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):
+            if isinstance(spec, dict):
+                raise ConfigError(f"sweep.search_space.{key}: give one of {list(DISTRIBUTIONS)} (e.g. "
+                                  f"{{loguniform: [1e-4, 1e-2]}}), got {spec}")
+            out[key] = spec
+            continue
+        kind, args = next(iter(spec.items()))
+        if not isinstance(args, list) or not args or (kind not in ("choice", "grid") and len(args) != 2):
+            raise ConfigError(f"sweep.search_space.{key}.{kind} needs a list"
+                              f"{'' if kind in ('choice', 'grid') else ' [low, high]'}, got {args!r}")
+        if kind in ("uniform", "loguniform"):
+            args = [float(a) for a in args]
+        out[key] = {"choice": tune.choice, "grid": tune.grid_search}[kind](args) if kind in ("choice", "grid") \
+            else getattr(tune, kind)(*args)
+    return out
+
+
+def candidate_values(space: dict) -> dict[str, list]:
+    """Values to validate each key with: every choice, or a range's ends."""
+    out = {}
+    for key, spec in space.items():
+        if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS:
+            kind, args = next(iter(spec.items()))
+            out[key] = list(args) if kind in ("choice", "grid") else [args[0], args[-1] - (kind == "randint")]
+        else:
+            out[key] = [spec]
+    return out
+
+
+def trial_config(base: dict, params: dict) -> FinetuneConfig:
+    """The FinetuneConfig of one trial: base + sampled {dotted key: value}."""
+    tree = base
+    for key, value in params.items():
+        tree = set_key(tree, key, value)
+    return from_dict(FinetuneConfig, tree)
+
+
+def validate_space(base: dict, space: dict) -> None:
+    """Every searched key must exist and accept its values; a typo fails here, before any trial starts."""
+    parse_space(space)  # the distributions themselves
+    for key, values in candidate_values(space).items():
+        for value in values:
+            try:
+                trial_config(base, {key: value})
+            except ConfigError as err:
+                raise ConfigError(f"sweep.search_space.{key} = {value!r}: {err}") from err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One trial (runs in a Tune trial actor)
+
+
+def train_driver_fn(config: dict) -> None:
+    """Tune function trainable: build this trial's config, run the fine-tuning job, report every epoch to Tune
+    through TuneReportCallback (the Ray Train V2 pattern)."""
+    import ray.data
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from finetune.train import run_finetune
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # Tune's trial table reports progress
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = trial_config(config["base"], config["params"])
+    cfg.run.name = f"trial_{trial_id}"
+    cfg.run.output_dir = config["trials_dir"]
+    cfg.run.num_workers = max(1, cfg.run.num_workers)  # local mode bypasses Train callbacks: Tune would see nothing
+    cfg.tracking.run_name = f"{config['sweep']}-{trial_id}"
+    cfg.tracking.tracking_uri = config["tracking_uri"]
+    tags = {"camae.sweep": config["sweep"], "camae.trial": trial_id,
+            **{f"camae.param.{k}": json.dumps(v) for k, v in config["params"].items()}}
+    run_finetune(cfg, parent_run_id=config["parent_run_id"], callbacks=[TuneReportCallback()], tags=tags)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The driver
+
+
+def resolve(sweep: SweepConfig) -> tuple[dict, FinetuneConfig]:
+    """The base finetune config as a dict (file + sweep.finetune overrides), checked."""
+    base_path = Path(sweep.base)
+    if not base_path.is_file():
+        raise ConfigError(f"base: {base_path} does not exist (a finetune YAML, relative to {Path.cwd()})")
+    tree = yaml.safe_load(base_path.read_text()) or {}
+    for key, value in _dotted(sweep.finetune).items():
+        tree = set_key(tree, key, value)
+    try:
+        cfg = from_dict(FinetuneConfig, tree)
+    except ConfigError as err:
+        raise ConfigError(f"finetune (the base {base_path} with the sweep's overrides): {err}") from err
+    return to_dict(cfg), cfg
+
+
+def _dotted(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out |= _dotted(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def concurrency(sweep: SweepConfig, base: FinetuneConfig) -> int:
+    """Trials at once: the cluster's CPUs (less one for Ray Data) and GPUs over what one trial's workers take."""
+    import ray
+
+    if sweep.sweep.max_concurrent_trials:
+        return sweep.sweep.max_concurrent_trials
+    res = ray.cluster_resources()
+    workers = max(1, base.run.num_workers)
+    n = int((res.get("CPU", 1) - 1) // (workers * base.run.cpus_per_worker))
+    if base.run.use_gpu:
+        n = min(n, int(res.get("GPU", 0) // workers))
+    if n < 1:
+        raise ConfigError(f"one trial needs {workers} worker(s) x {base.run.cpus_per_worker} CPUs"
+                          f"{' and a GPU each' if base.run.use_gpu else ''} plus a CPU for Ray Data, more than the "
+                          f"cluster's {res}; lower run.num_workers / run.cpus_per_worker")
+    return n
+
+
+def baseline_config(sweep: SweepConfig, base: FinetuneConfig, out: Path, uri: str, experiment: str):
+    """The evaluate config of the probe baseline: the sweep's data, split and (random or pretrained) encoder."""
+    cfg = load_config(EvaluateConfig, sweep.baseline.config) if sweep.baseline.config else EvaluateConfig()
+    if not sweep.baseline.config:
+        cfg.biology.channel_leave_one_out = False
+    cfg.data, cfg.synth = copy.deepcopy(base.data), copy.deepcopy(base.synth)
+    m = base.model
+    cfg.embed.checkpoint, cfg.embed.bias_routing = m.checkpoint, m.bias_routing
+    cfg.embed.embed_dim, cfg.embed.depth, cfg.embed.num_heads = m.embed_dim, m.depth, m.num_heads
+    cfg.embed.seed = base.train.seed  # random weights: the very encoder the fine-tunes start from
+    cfg.embed.use_gpu = "auto" if base.run.use_gpu else "no"
+    cfg.run.output_dir, cfg.run.name = str(out), "baseline"
+    cfg.tracking.tracking_uri, cfg.tracking.experiment = uri, experiment
+    cfg.tracking.run_name = f"{sweep.name}-baseline"
+    if sweep.baseline.set:
+        tree = to_dict(cfg)
+        for item in sweep.baseline.set:
+            key, _, raw = item.partition("=")
+            tree = set_key(tree, key, yaml.safe_load(raw))
+        cfg = from_dict(EvaluateConfig, tree)
+    return cfg
+
+
+def run_baseline(sweep: SweepConfig, base: FinetuneConfig, out: Path, uri: str, experiment: str, split: str,
+                 parent: str) -> list[dict]:
+    """Reuse finished baseline probe runs with the same key, or run `python -m evaluation.evaluate`."""
+    from camae.tracking import baseline_key, find_runs
+
+    cfg = baseline_config(sweep, base, out, uri, experiment)
+    key = baseline_key(cfg, split)
+    expected = len(cfg.probes.kinds) * len(cfg.correction.methods)
+    runs = find_runs(uri, experiment, {"camae.kind": "probe", "camae.baseline_key": key})
+    if not (sweep.baseline.reuse and len(runs) >= expected):
+        path = save_config(cfg, out / "baseline.yaml")
+        env = dict(os.environ, CAMAE_PARENT_RUN_ID=parent)
+        import ray
+
+        if ray.is_initialized():  # the subprocess joins this Ray cluster instead of starting another
+            env.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+        print(f"[camae] baseline: frozen-encoder probes ({', '.join(cfg.correction.methods)}) on the same split",
+              flush=True)
+        subprocess.run([sys.executable, "-m", "evaluation.evaluate", "--config", str(path)], env=env, check=True,
+                       cwd=Path(__file__).resolve().parents[1])
+        runs = find_runs(uri, experiment, {"camae.kind": "probe", "camae.baseline_key": key})
+    else:
+        print(f"[camae] baseline: reusing {len(runs)} finished probe runs with the same split and encoder", flush=True)
+    seen, rows = set(), []
+    for run in sorted(runs, key=lambda r: -r.info.start_time):  # newest of each probe x correction
+        kind = (run.data.tags["camae.probe"], run.data.tags["camae.correction"])
+        if kind not in seen:
+            seen.add(kind)
+            rows.append({"run": run.info.run_name, "kind": "probe", "mode": f"probe-{kind[0]}",
+                         "correction": kind[1], "run_id": run.info.run_id, **run.data.metrics})
+    return rows
+
+
+def trial_rows(trials_dir: Path, results) -> list[dict]:
+    """One row per trial: its sampled parameters and the test metrics of its best checkpoint (finished trials), or
+    its last reported metrics (stopped early by the scheduler)."""
+    rows = []
+    for result in results:
+        metrics, params = result.metrics or {}, (result.config or {}).get("params", {})
+        run_dir = trials_dir / f"trial_{metrics.get('trial_id', 'unreported')}"
+        row = {"run": run_dir.name, "kind": "finetune", "correction": "", "mode": params.get("train.mode", ""),
+               **{f"param/{k}": v for k, v in params.items()}}
+        if (run_dir / "summary.json").is_file():
+            summary = json.loads((run_dir / "summary.json").read_text())
+            row |= {k: v for k, v in summary.items() if "/" in k}
+            row |= {"run_id": summary["run_id"], "export": str(run_dir / "export"), "finished": True}
+        else:
+            row |= {k: v for k, v in metrics.items() if k.startswith(("val/", "train/"))} | {"finished": False}
+        rows.append(row)
+    return rows
+
+
+def run_sweep(sweep: SweepConfig, restart: bool = False) -> dict:
+    """The whole sweep; returns a summary with the comparison table, the best trial and the baseline."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from camae.data import split_fingerprint
+    from camae.tracking import end_run, flatten, log_metrics, resolve_tracking_uri, start_run
+    from finetune.train import check_cpus, prepare_data
+
+    base_dict, base = resolve(sweep)
+    validate_space(base_dict, sweep.sweep.search_space)
+    out = (Path(base.run.output_dir) / sweep.name).resolve()
+    if restart and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_file = out / "sweep.json"
+    resolved = {"sweep": to_dict(sweep), "base": base_dict}
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    if state and state["resolved"] != resolved:
+        raise ConfigError(f"{out} holds a sweep with another config; rerun with --restart to start over, or set "
+                          "name to a new sweep")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # reports block this long (local clusters)
+    ray.init(ignore_reinit_error=True, log_to_driver=True)
+    check_cpus(base)
+    table, _ = prepare_data(base, out)
+    split = split_fingerprint(table)
+    uri = resolve_tracking_uri(base.tracking.tracking_uri, Path(base.run.output_dir).resolve())
+    experiment = sweep.experiment or base.tracking.experiment
+    if "parent_run_id" not in state:
+        state = {"resolved": resolved, "parent_run_id": start_run(
+            uri, experiment, sweep.name, flatten({"sweep": to_dict(sweep.sweep), "base": base_dict}),
+            {"camae.kind": "sweep", "camae.split": split, "camae.sweep": sweep.name})}
+        state_file.write_text(json.dumps(state, indent=2) + "\n")
+    parent = state["parent_run_id"]
+    try:
+        rows = run_baseline(sweep, base, out, uri, experiment, split, parent) if sweep.baseline.enabled else []
+        grid = _tune(sweep, base, base_dict, out, uri, parent, tune, ASHAScheduler, FIFOScheduler)
+        if _interrupted(out / "tune", tune):
+            print(f"[camae] sweep interrupted; rerun the same command to resume it ({out})", flush=True)
+            return {"interrupted": True, "output": str(out)}
+        rows += trial_rows(out / "trials", grid)
+        summary = summarize(sweep, rows, out, uri, parent)
+    except BaseException as err:
+        if not isinstance(err, KeyboardInterrupt):
+            end_run(uri, parent, "FAILED")
+        raise
+    _close_stopped_runs(uri, parent)
+    log_metrics(uri, parent, {k: v for k, v in summary.items() if isinstance(v, float)}, step=0)
+    end_run(uri, parent)
+    return summary | {"tracking_uri": uri, "run_id": parent}
+
+
+def _tune(sweep, base, base_dict, out, uri, parent, tune, ASHAScheduler, FIFOScheduler):
+    s = sweep.sweep
+    # The trial driver only waits on its Train workers: it takes no CPU (Tune refuses an empty request, so it asks
+    # for 100 MB of memory instead), leaving the CPUs to the workers and Ray Data.
+    trainable = tune.with_resources(train_driver_fn, {"CPU": 0, "memory": 100 * 2**20})
+    path = out / "tune"
+    if tune.Tuner.can_restore(str(path)):
+        print(f"[camae] resuming the sweep in {path}: finished trials are kept", flush=True)
+        return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True).fit()
+    # max_t one past the last epoch: at max_t ASHA stops a trial, which would kill it before it tests and exports
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=base.train.epochs + 1,
+                               grace_period=sweep.sweep.scheduler.grace_period,
+                               reduction_factor=sweep.sweep.scheduler.reduction_factor)
+                 if s.scheduler.kind == "asha" else FIFOScheduler())
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"params": parse_space(s.search_space), "base": base_dict, "trials_dir": str(out / "trials"),
+                     "sweep": sweep.name, "tracking_uri": uri, "parent_run_id": parent},
+        # max_concurrent_trials goes to the (seeded) search algorithm: Tune ignores TuneConfig's when given one
+        tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=scheduler,
+                                    search_alg=BasicVariantGenerator(max_concurrent=concurrency(sweep, base),
+                                                                     random_state=s.seed)),
+        run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=1),
+    )
+    return tuner.fit()
+
+
+def _interrupted(path: Path, tune) -> bool:
+    """Whether Ctrl+C cut the sweep short. The ResultGrid cannot tell (Tune's teardown marks the trials it stops
+    TERMINATED); the saved experiment state, written before that teardown, can."""
+    saved = tune.Tuner.restore(str(path), trainable=train_driver_fn).get_results()
+    return saved.num_terminated + saved.num_errors < len(saved)
+
+
+def _close_stopped_runs(uri: str, parent: str) -> None:
+    """Trials ASHA stopped die with their MLflow runs open: mark them KILLED, tagged camae.stopped_early."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_run(parent).info.experiment_id
+    for run in client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'"):
+        client.set_tag(run.info.run_id, "camae.stopped_early", "true")
+        client.set_terminated(run.info.run_id, "KILLED")
+
+
+def summarize(sweep: SweepConfig, rows: list[dict], out: Path, uri: str, parent: str) -> dict:
+    """The comparison table (printed, written, logged), the best trial, and its gap to the best baseline."""
+    import mlflow
+
+    from camae.metrics import markdown_table
+
+    metric, sign = sweep.sweep.metric, 1 if sweep.sweep.mode == "max" else -1
+    frame = pd.DataFrame(rows)
+    if metric not in frame:
+        raise RuntimeError(f"no trial or baseline reported {metric!r} (sweep.metric); see {out}")
+    frame = frame.sort_values(metric, ascending=sign < 0, na_position="last").reset_index(drop=True)
+    frame.to_csv(out / "comparison.csv", index=False)
+    table = markdown_table(frame[[c for c in SHOWN if c in frame]])
+    (out / "comparison.md").write_text(table)
+    trials = frame[(frame["kind"] == "finetune") & frame.get("finished", False).fillna(False).astype(bool)]
+    probes = frame[frame["kind"] == "probe"]
+    summary: dict = {"output": str(out), "trials": int((frame["kind"] == "finetune").sum()),
+                     "trials_finished": len(trials)}
+    if len(trials):
+        best = trials.iloc[0]
+        summary |= {"best_run": best["run"], "best_export": best["export"], f"best/{metric}": float(best[metric]),
+                    "best_params": {k.removeprefix("param/"): best[k] for k in frame if k.startswith("param/")}}
+        if "test/accuracy" in best and not pd.isna(best["test/accuracy"]):
+            summary["best/test/accuracy"] = float(best["test/accuracy"])
+    if len(probes):
+        top = probes.iloc[0]
+        summary |= {"baseline_run": top["run"], f"baseline/{metric}": float(top[metric])}
+        if len(trials):
+            summary[f"gap/{metric}"] = sign * (summary[f"best/{metric}"] - summary[f"baseline/{metric}"])
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    mlflow.set_tracking_uri(uri)  # a resumed sweep did not open its parent run in this process
+    with mlflow.start_run(run_id=parent):
+        for name in ("comparison.csv", "comparison.md", "summary.json", "splits.csv", "labels.json"):
+            if (out / name).is_file():
+                mlflow.log_artifact(str(out / name))
+        if "best_export" in summary:
+            mlflow.log_artifacts(summary["best_export"], "best_export")
+    print("\n" + table, flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="finetune.tune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="a YAML in configs/tune/")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--restart", action="store_true", help="discard an earlier run of this sweep; start over")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        sweep = load_config(SweepConfig, args.config, args.set)
+        base_dict, _ = resolve(sweep)
+        validate_space(base_dict, sweep.sweep.search_space)
+    except ValueError as err:
+        print(f"sweep: error: {err}", file=sys.stderr)
+        return 2
+    summary = run_sweep(sweep, restart=args.restart)
+    if summary.get("interrupted"):
+        return 130
+    print(json.dumps({k: v for k, v in summary.items()}, indent=2, default=str))
+    gap = next((v for k, v in summary.items() if k.startswith("gap/")), None)
+    if gap is not None:
+        print(f"\nbest fine-tune {summary['best_run']} vs best probe baseline {summary['baseline_run']}: "
+              f"{'+' if gap >= 0 else ''}{gap:.3f} {sweep.sweep.metric}")
+    print(f"\nMLflow UI: mlflow ui --backend-store-uri {summary['tracking_uri']} --host 127.0.0.1 --port 5000")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""Evaluation: batch correction and biology metrics against independent computations, probes, the embedding pass
+(exact against the model, resumable) and the evaluate job end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy.linalg import eigh
+from sklearn.metrics import average_precision_score
+
+from camae.config import EvaluateConfig, ProbeConfig, load_config
+from evaluation.batch_correction import CorrectionError, correct, fit_correction
+from evaluation.biology import (
+    null_average_precision,
+    plate_predictability,
+    relationship_recall,
+    replicate_map,
+    well_profiles,
+)
+from evaluation.probes import run_probe
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "configs" / "evaluate" / "quickstart.yaml"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batch correction
+
+
+def plates(seed=0, n_batches=3, per_batch=40, dim=12, controls=10):
+    """Embeddings with a per-batch offset and scale on top of a shared biology signal."""
+    rng = np.random.default_rng(seed)
+    X, batch, control, label = [], [], [], []
+    for b in range(n_batches):
+        labels = np.r_[np.zeros(controls, int), np.arange(per_batch - controls) % 3 + 1]
+        signal = rng.normal(size=(per_batch, dim)) + labels[:, None] * np.linspace(-1, 1, dim)
+        X.append(signal * rng.uniform(0.5, 2) + rng.normal(0, 3, dim))
+        batch += [f"b{b}"] * per_batch
+        control += list(labels == 0)
+        label += list(labels)
+    return np.concatenate(X), np.array(batch), np.array(control), np.array(label)
+
+
+def sqrtm_psd(C, power):
+    w, V = eigh(C)
+    return (V * w**power) @ V.T
+
+
+def reference_correction(method, X, batch, control, fit, k=None):
+    """PCA-CenterScale and TVN written out with numpy's SVD and eigh, independently of scikit-learn."""
+    def pca(A, k, whiten=False):
+        mu = A.mean(0)
+        _, s, Vt = np.linalg.svd(A - mu, full_matrices=False)
+        scale = (s[:k] / np.sqrt(len(A) - 1)) if whiten else np.ones(k)
+        return lambda Y: (Y - mu) @ Vt[:k].T / scale
+
+    def centerscale(Z):
+        out = np.empty_like(Z)
+        for b in np.unique(batch):
+            ref = Z[(batch == b) & control]
+            out[batch == b] = (Z[batch == b] - ref.mean(0)) / ref.std(0)
+        return out
+
+    rows = control & fit
+    k = k or min(X.shape[1], rows.sum() - 1)
+    Z = centerscale(pca(X[rows], k)(X))
+    if method == "pca_centerscale":
+        return Z
+    W = centerscale(pca(Z[rows], k, whiten=True)(Z))
+    eye = np.eye(k)
+    target = sqrtm_psd(np.cov(W[rows], rowvar=False) + 0.5 * eye, 0.5)
+    for b in np.unique(batch):
+        source = np.cov(W[(batch == b) & control], rowvar=False) + 0.5 * eye
+        W[batch == b] = W[batch == b] @ sqrtm_psd(source, -0.5) @ target
+    return W
+
+
+@pytest.mark.parametrize("method", ["pca_centerscale", "tvn"])
+@pytest.mark.parametrize("n_components", [None, 6])
+def test_correction_matches_independent_computation(method, n_components):
+    X, batch, control, _ = plates()
+    fit = batch != "b2"  # the third batch plays a test plate: it never fits the global pieces
+    ours = correct(method, X, batch, control, fit, n_components)
+    ref = reference_correction(method, X, batch, control, fit, n_components)
+    assert ours.shape == ref.shape
+    signs = np.sign((ours * ref).sum(0))  # PCA components are defined up to sign; so is everything after them
+    np.testing.assert_allclose(ours, ref * signs, atol=1e-8)
+
+
+def test_correction_is_fitted_on_training_plates_only():
+    X, batch, control, _ = plates()
+    fit = batch != "b2"
+    before = fit_correction("tvn", X, batch, control, fit)
+    X2 = X.copy()
+    X2[batch == "b2"] *= 5  # a wildly different test plate
+    after = fit_correction("tvn", X2, batch, control, fit)
+    np.testing.assert_allclose(before.pca.components_, after.pca.components_)
+    np.testing.assert_allclose(before.whitener.components_, after.whitener.components_)
+    # ... while its own controls still centre it: the test batch's controls have mean 0 after correction
+    Z = after.transform(X2, batch)
+    np.testing.assert_allclose(Z[(batch == "b2") & control][:, :3].mean(0), 0, atol=1e-9)
+
+
+def test_correction_removes_the_batch_effect():
+    X, batch, control, label = plates(per_batch=400, controls=200)  # controls enough to pin each mean down
+    meta = pd.DataFrame({"plate": batch, "is_control": control})
+    raw = plate_predictability(meta, X)["plate_predictability"]
+    corrected = plate_predictability(meta, correct("pca_centerscale", X, batch, control))["plate_predictability"]
+    assert raw > 0.9 and corrected < 0.5  # chance is 1/3
+
+
+def test_degenerate_inputs_are_named():
+    X, batch, control, _ = plates()
+    control = control & ~((batch == "b1") & (np.arange(len(X)) % 40 > 0))  # b1 keeps one control
+    with pytest.raises(CorrectionError, match="batch 'b1' has 1 control sites"):
+        fit_correction("pca_centerscale", X, batch, control)
+    with pytest.raises(CorrectionError, match="unknown correction"):
+        fit_correction("combat", X, batch, control)
+    X, batch, control, _ = plates(controls=2)  # 6 controls in all: at most 5 components
+    assert fit_correction("pca_centerscale", X, batch, control, n_components=10).pca.n_components_ == 5
+    fitted = fit_correction("pca_centerscale", X, batch, control)
+    with pytest.raises(CorrectionError, match="batch 'b9' was not seen"):
+        fitted.transform(X[:3], ["b9"] * 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Biology metrics
+
+
+def test_null_average_precision_matches_sklearn_on_random_rankings():
+    rng = np.random.default_rng(0)
+    ours = null_average_precision(3, 12, 4000, rng)
+    ref = [average_precision_score(np.isin(np.arange(12), rng.permutation(12)[:3]), -np.arange(12))
+           for _ in range(4000)]
+    assert abs(ours.mean() - np.mean(ref)) < 0.01 and abs(ours.std() - np.std(ref)) < 0.01
+
+
+def wells(separation, seed=0):
+    """Well profiles: 3 perturbations x 4 wells + 8 controls; `separation` scales the perturbation signal."""
+    rng = np.random.default_rng(seed)
+    labels = ["EMPTY"] * 8 + [f"p{k}" for k in range(3) for _ in range(4)]
+    centres = {"EMPTY": np.zeros(16), **{f"p{k}": rng.normal(size=16) for k in range(3)}}
+    P = np.stack([centres[lab] * separation + rng.normal(size=16) for lab in labels])
+    meta = pd.DataFrame({"plate": "P1", "well": [f"W{i}" for i in range(len(labels))], "label": labels,
+                         "is_control": [lab == "EMPTY" for lab in labels], "batch": "B"})
+    return meta, P
+
+
+def test_replicate_map_matches_brute_force_and_separates_signal_from_noise():
+    meta, P = wells(separation=0.7)
+    table, overall = replicate_map(meta, P, null_size=2000)
+    sims = P @ P.T / np.outer(np.linalg.norm(P, axis=1), np.linalg.norm(P, axis=1))
+    for _, row in table.iterrows():  # brute force: per query well, rank the others by hand
+        idx = np.flatnonzero(meta["label"] == row["perturbation"])
+        aps = []
+        for q in idx:
+            cands = [i for i in range(len(P)) if i != q and (i in idx or meta["is_control"][i])]
+            order = sorted(cands, key=lambda i: -sims[q, i])
+            hits = np.array([i in idx for i in order])
+            aps.append(np.mean([hits[:r + 1].sum() / (r + 1) for r in np.flatnonzero(hits)]))
+        assert row["map"] == pytest.approx(np.mean(aps))
+    assert overall["map"] == pytest.approx(table["map"].mean())
+    strong = replicate_map(*wells(separation=5.0), null_size=2000)[1]
+    noise = replicate_map(*wells(separation=0.0), null_size=2000)[1]
+    assert strong["map"] > 0.95 and strong["fraction_retrieved"] == 1.0
+    assert noise["map"] < 0.6 and noise["fraction_retrieved"] == 0.0
+
+
+def test_relationship_recall_finds_the_known_pair():
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(8, 16))
+    base[1] = base[0] + 0.05 * rng.normal(size=16)  # p0 and p1 are nearly the same perturbation
+    meta = pd.DataFrame({"label": [f"p{k}" for k in range(8)], "is_control": False})
+    pairs = pd.DataFrame({"perturbation_a": ["p0", "p2", "pX"], "perturbation_b": ["p1", "p3", "p0"]})
+    out = relationship_recall(meta, base, pairs.iloc[:1], percentile=5)
+    assert out == {"relationship_recall": 1.0, "relationship_pairs": 1.0}
+    assert relationship_recall(meta, base, pairs, percentile=5)["relationship_pairs"] == 2.0  # pX is absent
+
+
+def test_well_profiles_average_sites():
+    meta = pd.DataFrame({"plate": ["A", "A", "A", "B"], "well": ["w1", "w1", "w2", "w1"], "label": ["x", "x", "y", "x"],
+                         "is_control": [False] * 4, "batch": ["b"] * 4})
+    X = np.array([[0.0, 2], [2, 4], [5, 5], [7, 7]])
+    wmeta, P = well_profiles(meta, X)
+    assert list(wmeta["plate"] + wmeta["well"]) == ["Aw1", "Aw2", "Bw1"]
+    np.testing.assert_allclose(P, [[1, 3], [5, 5], [7, 7]])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Probes
+
+
+@pytest.mark.parametrize("kind", ["logistic", "knn"])
+def test_probe_metrics_use_finetuning_names(kind):
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 30)
+    X = np.eye(3)[y] * 4 + rng.normal(size=(90, 3))
+    split = np.array(["train", "val", "test"] * 30)
+    metrics, predictions = run_probe(kind, X, y, split, ProbeConfig())
+    assert set(metrics) == {f"{s}/{m}" for s in ("train", "val", "test")
+                            for m in ("accuracy", "macro_f1", "balanced_accuracy")}
+    assert metrics["test/accuracy"] > 0.9 and len(predictions["test"][0]) == 30
+    with pytest.raises(ValueError, match="at least two classes"):
+        run_probe(kind, X, np.zeros(90, int), split, ProbeConfig())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The embedding pass and the job
+
+
+SMALL = ["synth.experiments=1", "synth.plates_per_experiment=4", "synth.wells_per_plate=14",
+         "synth.controls_per_plate=4", "synth.sites_per_well=1", "synth.effect_size=3",
+         "data.channels=[nuclei, er, mito]", "embed.sites_per_file=10", "biology.null_size=500"]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return tmp_path_factory.mktemp("eval") / "plates"
+
+
+def small_config(root: Path, out: Path, *overrides: str) -> EvaluateConfig:
+    return load_config(EvaluateConfig, QUICKSTART, [*SMALL, f"data.root={root}", f"run.output_dir={out}",
+                                                    *overrides])
+
+
+def test_embed_matches_the_model_and_resumes_per_file(ray_session, tmp_path):
+    from camae.classifier import base_model
+    from camae.data import load_site
+    from evaluation.embed import embed_table, load_embeddings
+    from evaluation.evaluate import prepare
+
+    cfg = small_config(tmp_path / "plates512", tmp_path, "synth.size=512", "data.eval_crop=tile", "embed.blocks=true",
+                       "embed.channelwise=true")
+    table, _ = prepare(cfg, tmp_path / "run")
+    out = tmp_path / "emb"
+    result = embed_table(table, cfg.data, cfg.embed, out)
+    assert (result.files, result.files_written, result.sites, result.skipped) == (6, 6, len(table), 0)
+    meta, X = load_embeddings(out)
+    assert sorted(meta["sample_id"]) == sorted(table["sample_id"]) and X.shape == (len(table), 32)
+
+    # exact against the model: each 512x512 site's four 256x256 tiles, embedded together and averaged
+    torch.manual_seed(cfg.embed.seed)
+    model = base_model(cfg.embed).eval()
+    row = table.iloc[7]
+    site = torch.from_numpy(load_site(row.to_dict(), cfg.data))
+    tiles = torch.stack([site[:, y:y + 256, x:x + 256] for y in (0, 256) for x in (0, 256)])
+    i = meta.index[meta["sample_id"] == row["sample_id"]][0]
+    np.testing.assert_allclose(X[i], model.predict(tiles).mean(0).numpy(), rtol=1e-5, atol=1e-6)
+    blocks = load_embeddings(out, "embedding_blocks")[1]
+    np.testing.assert_allclose(blocks[:, -32:], X, rtol=1e-6)  # the last block's pooled output is the embedding
+    assert load_embeddings(out, "embedding_channelwise")[1].shape == (len(table), 3 * 32)
+
+    # resumable per file: only the deleted file is written again
+    victim = out / "part-00002.parquet"
+    stamps = {f.name: f.stat().st_mtime_ns for f in out.glob("part-*.parquet") if f != victim}
+    victim.unlink()
+    again = embed_table(table, cfg.data, cfg.embed, out)
+    assert again.files_written == 1 and victim.is_file()
+    assert stamps == {f.name: f.stat().st_mtime_ns for f in out.glob("part-*.parquet") if f != victim}
+    np.testing.assert_array_equal(load_embeddings(out)[1], X)
+
+    cfg.embed.depth = 3  # another encoder must not be mixed into these files
+    with pytest.raises(ValueError, match="holds embeddings made with other settings \\(random_weights differ\\)"):
+        embed_table(table, cfg.data, cfg.embed, out)
+
+
+@pytest.mark.slow
+def test_evaluate_job_logs_probes_beside_finetunes(ray_session, small, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from evaluation.evaluate import main
+
+    monkeypatch.delenv("CAMAE_PARENT_RUN_ID", raising=False)
+    args = ["--config", str(QUICKSTART)] + [a for o in [*SMALL, f"data.root={small}", f"run.output_dir={tmp_path}"]
+                                            for a in ("--set", o)]
+    assert main(args) == 0
+    out = tmp_path / "evaluate-quickstart"
+    summary = json.loads((out / "summary.json").read_text())
+    client = MlflowClient(summary["tracking_uri"])
+    parent = client.get_run(summary["run_id"])
+    assert parent.data.tags["camae.kind"] == "evaluation" and parent.info.status == "FINISHED"
+    probes = [client.get_run(r) for r in summary["probe_runs"]]
+    assert sorted((r.data.tags["camae.probe"], r.data.tags["camae.correction"]) for r in probes) == sorted(
+        (k, c) for k in ("logistic", "knn") for c in ("raw", "pca_centerscale", "tvn"))
+    for run in probes:
+        assert run.data.tags["camae.kind"] == "probe"
+        assert run.data.tags["mlflow.parentRunId"] == summary["run_id"]
+        assert {"test/accuracy", "val/accuracy", "test/macro_f1", "bio/map"} <= set(run.data.metrics)
+    assert parent.data.metrics["tvn/bio/map"] > 0  # biology metrics per correction on the parent
+    assert len(pd.read_csv(out / "per_block.csv")) == 2  # the tiny encoder's two blocks
+    assert list(pd.read_csv(out / "channel_leave_one_out.csv")["left_out"]) == ["nuclei", "er", "mito"]
+    artifacts = {a.path for a in client.list_artifacts(summary["run_id"])}
+    assert {"metrics.md", "projection.png", "confusion_test.png", "per_block.png", "channel_leave_one_out.png",
+            "replicate_map.csv", "config.yaml"} <= artifacts
+    splits = pd.read_csv(out / "splits.csv")
+    assert splits.groupby("plate")["split"].nunique().max() == 1  # by plate, never by image
+    assert os.path.getsize(out / "metrics.md") > 0
