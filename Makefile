@@ -13,10 +13,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-# The main job on the embedded default: synthetic plates (written on first run), a Ray Train fine-tune tracked in
-# a local MLflow store. ARGS="--set key=value ..." overrides the config.
+# The main job on the embedded default: synthetic plates (written on first run) -> frozen-encoder probes (raw,
+# PCA-CenterScale, TVN) -> a Ray Tune sweep of LoRA and full fine-tuning -> the comparison table, all in a local
+# MLflow store. ARGS="--set key=value ..." overrides the sweep config.
 run: install
-	$(BIN)/camae finetune --config configs/finetune/quickstart.yaml $(ARGS)
+	$(BIN)/camae sweep --config configs/tune/quickstart.yaml $(ARGS)
 
 # The model card's uses on synthetic images (random weights; ARGS="--checkpoint DIR" for the real ones).
 demo: install

@@ -131,7 +131,7 @@ def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None) -> dict:
     import ray
 
     from camae.data import split_fingerprint
-    from camae.tracking import baseline_key, end_run, flatten, resolve_tracking_uri, start_run
+    from camae.tracking import baseline_key, end_run, flatten, log_metrics, resolve_tracking_uri, start_run
 
     out = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
     table, labels = prepare(cfg, out)
@@ -147,6 +147,9 @@ def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None) -> dict:
     params = flatten(to_dict(cfg))
     parent = start_run(uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.run.name, params,
                        tags | {"camae.kind": "evaluation"}, parent_run_id=parent_run_id)
+    log_metrics(uri, parent, {"embed/sites": embedded.sites, "embed/skipped_sites": embedded.skipped}, step=0)
+    if embedded.skipped:
+        log.warning("%d sites were skipped (data.on_error=skip); see %s/skipped", embedded.skipped, embedded.output)
     try:
         summary = _evaluate(cfg, out, meta, arrays, X, y, split, labels, uri, parent, params, tags)
     except BaseException:

@@ -33,6 +33,7 @@ from camae.config import (
     EvaluateConfig,
     FinetuneConfig,
     SweepConfig,
+    apply_overrides,
     from_dict,
     load_config,
     save_config,
@@ -121,9 +122,10 @@ def validate_space(base: dict, space: dict) -> None:
 # One trial (runs in a Tune trial actor)
 
 
-def train_driver_fn(config: dict) -> None:
-    """Tune function trainable: build this trial's config, run the fine-tuning job, report every epoch to Tune
-    through TuneReportCallback (the Ray Train V2 pattern)."""
+def train_driver_fn(config: dict, context: dict) -> None:
+    """Tune function trainable: build this trial's config (`config["params"]`, the sampled keys, over the sweep's
+    `context`), run the fine-tuning job, report every epoch to Tune through TuneReportCallback (the Ray Train V2
+    pattern)."""
     import ray.data
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -132,15 +134,15 @@ def train_driver_fn(config: dict) -> None:
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # Tune's trial table reports progress
     trial_id = ray.tune.get_context().get_trial_id()
-    cfg = trial_config(config["base"], config["params"])
+    cfg = trial_config(context["base"], config["params"])
     cfg.run.name = f"trial_{trial_id}"
-    cfg.run.output_dir = config["trials_dir"]
+    cfg.run.output_dir = context["trials_dir"]
     cfg.run.num_workers = max(1, cfg.run.num_workers)  # local mode bypasses Train callbacks: Tune would see nothing
-    cfg.tracking.run_name = f"{config['sweep']}-{trial_id}"
-    cfg.tracking.tracking_uri = config["tracking_uri"]
-    tags = {"camae.sweep": config["sweep"], "camae.trial": trial_id,
+    cfg.tracking.run_name = f"{context['sweep']}-{trial_id}"
+    cfg.tracking.tracking_uri, cfg.tracking.experiment = context["tracking_uri"], context["experiment"]
+    tags = {"camae.sweep": context["sweep"], "camae.trial": trial_id,
             **{f"camae.param.{k}": json.dumps(v) for k, v in config["params"].items()}}
-    run_finetune(cfg, parent_run_id=config["parent_run_id"], callbacks=[TuneReportCallback()], tags=tags)
+    run_finetune(cfg, parent_run_id=context["parent_run_id"], callbacks=[TuneReportCallback()], tags=tags)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -205,11 +207,7 @@ def baseline_config(sweep: SweepConfig, base: FinetuneConfig, out: Path, uri: st
     cfg.tracking.tracking_uri, cfg.tracking.experiment = uri, experiment
     cfg.tracking.run_name = f"{sweep.name}-baseline"
     if sweep.baseline.set:
-        tree = to_dict(cfg)
-        for item in sweep.baseline.set:
-            key, _, raw = item.partition("=")
-            tree = set_key(tree, key, yaml.safe_load(raw))
-        cfg = from_dict(EvaluateConfig, tree)
+        cfg = from_dict(EvaluateConfig, apply_overrides(to_dict(cfg), sweep.baseline.set))
     return cfg
 
 
@@ -320,9 +318,9 @@ def run_sweep(sweep: SweepConfig, restart: bool = False) -> dict:
 
 def _tune(sweep, base, base_dict, out, uri, parent, tune, ASHAScheduler, FIFOScheduler):
     s = sweep.sweep
-    # The trial driver only waits on its Train workers: it takes no CPU (Tune refuses an empty request, so it asks
-    # for 100 MB of memory instead), leaving the CPUs to the workers and Ray Data.
-    trainable = tune.with_resources(train_driver_fn, {"CPU": 0, "memory": 100 * 2**20})
+    context = {"base": base_dict, "trials_dir": str(out / "trials"), "sweep": sweep.name, "tracking_uri": uri,
+               "experiment": sweep.experiment or base.tracking.experiment, "parent_run_id": parent}
+    trainable = _trainable(tune, context)
     path = out / "tune"
     if tune.Tuner.can_restore(str(path)):
         print(f"[camae] resuming the sweep in {path}: finished trials are kept", flush=True)
@@ -336,8 +334,7 @@ def _tune(sweep, base, base_dict, out, uri, parent, tune, ASHAScheduler, FIFOSch
 
     tuner = tune.Tuner(
         trainable,
-        param_space={"params": parse_space(s.search_space), "base": base_dict, "trials_dir": str(out / "trials"),
-                     "sweep": sweep.name, "tracking_uri": uri, "parent_run_id": parent},
+        param_space={"params": parse_space(s.search_space)},
         # max_concurrent_trials goes to the (seeded) search algorithm: Tune ignores TuneConfig's when given one
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=scheduler,
                                     search_alg=BasicVariantGenerator(max_concurrent=concurrency(sweep, base),
@@ -347,10 +344,18 @@ def _tune(sweep, base, base_dict, out, uri, parent, tune, ASHAScheduler, FIFOSch
     return tuner.fit()
 
 
+def _trainable(tune, context: dict):
+    """The trial function with the sweep's fixed context (kept out of the search space, so Tune's trial table
+    shows only searched keys). The trial driver only waits on its Train workers: it takes no CPU (Tune refuses an
+    empty request, so it asks for 100 MB of memory instead), leaving the CPUs to the workers and Ray Data."""
+    return tune.with_resources(tune.with_parameters(train_driver_fn, context=context),
+                               {"CPU": 0, "memory": 100 * 2**20})
+
+
 def _interrupted(path: Path, tune) -> bool:
     """Whether Ctrl+C cut the sweep short. The ResultGrid cannot tell (Tune's teardown marks the trials it stops
     TERMINATED); the saved experiment state, written before that teardown, can."""
-    saved = tune.Tuner.restore(str(path), trainable=train_driver_fn).get_results()
+    saved = tune.Tuner.restore(str(path), trainable=_trainable(tune, {})).get_results()
     return saved.num_terminated + saved.num_errors < len(saved)
 
 
@@ -385,8 +390,9 @@ def summarize(sweep: SweepConfig, rows: list[dict], out: Path, uri: str, parent:
                      "trials_finished": len(trials)}
     if len(trials):
         best = trials.iloc[0]
+        params = next(r for r in rows if r["run"] == best["run"])
         summary |= {"best_run": best["run"], "best_export": best["export"], f"best/{metric}": float(best[metric]),
-                    "best_params": {k.removeprefix("param/"): best[k] for k in frame if k.startswith("param/")}}
+                    "best_params": {k.removeprefix("param/"): v for k, v in params.items() if k.startswith("param/")}}
         if "test/accuracy" in best and not pd.isna(best["test/accuracy"]):
             summary["best/test/accuracy"] = float(best["test/accuracy"])
     if len(probes):

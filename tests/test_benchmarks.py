@@ -36,3 +36,12 @@ def test_train_step_benchmark_runs(tmp_path):
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=600)
     result = json.loads((tmp_path / "train_step.json").read_text())
     assert result["ratio"] > 0 and len(result["ray"]) == len(result["plain"]) == 2
+
+
+@pytest.mark.slow
+def test_embed_benchmark_runs(tmp_path):
+    cmd = [sys.executable, "benchmarks/embed.py", "--sizes", "tiny", "--sites", "32", "--batch-size", "8",
+           "--data", str(tmp_path / "data"), "--out", str(tmp_path)]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=600)
+    (row,) = json.loads((tmp_path / "embed_cpu.json").read_text())["rows"]
+    assert row["sites"] == 32 and row["ratio_warm"] > 0

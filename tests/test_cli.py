@@ -48,3 +48,18 @@ def test_console_script_runs_as_a_module(tmp_path):
                              str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "RANDOM weights" in result.stderr
+
+
+@pytest.mark.parametrize("command, config, typo, message", [
+    ("evaluate", "configs/evaluate/quickstart.yaml", "probes.kindz=[knn]", "did you mean 'probes.kinds'"),
+    ("embed", "configs/evaluate/quickstart.yaml", "embed.batchsize=8", "did you mean 'embed.batch_size'"),
+    ("sweep", "configs/tune/quickstart.yaml", "sweep.metrc=x", "did you mean 'sweep.metric'"),
+    ("sweep", "configs/tune/quickstart.yaml", "sweep.search_space={train.lrr: {choice: [1]}}", "train.lrr"),
+])
+def test_job_commands_refuse_config_typos_before_starting(command, config, typo, message, capsys, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert main([command, "--config", config, "--set", typo]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -311,3 +311,17 @@ def test_evaluate_job_logs_probes_beside_finetunes(ray_session, small, tmp_path,
     splits = pd.read_csv(out / "splits.csv")
     assert splits.groupby("plate")["split"].nunique().max() == 1  # by plate, never by image
     assert os.path.getsize(out / "metrics.md") > 0
+
+
+@pytest.mark.gpu
+def test_embedder_actor_on_gpu_matches_cpu():
+    from camae.config import EmbedConfig
+    from evaluation.embed import Embedder
+
+    cfg = EmbedConfig(embed_dim=32, depth=2, num_heads=2, precision="fp32")
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (4, 3, 256, 256), dtype=np.uint8), "sample_id": np.arange(4).astype(str),
+             "tile": np.zeros(4, np.int64), "n_tiles": np.ones(4, np.int64)}
+    cpu, gpu = Embedder(cfg, use_gpu=False, threads=0)(batch), Embedder(cfg, use_gpu=True, threads=0)(batch)
+    np.testing.assert_allclose(gpu["embedding"], cpu["embedding"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gpu["embedding_blocks"], cpu["embedding_blocks"], rtol=1e-4, atol=1e-4)
