@@ -2,7 +2,8 @@
 
 A run is created by the driver (`start_run`), which logs the flattened resolved config, tags and the config
 file; training workers log metrics into that run by id (`log_metrics`), so nothing depends on an active run in
-the worker process. Tracking URIs are made absolute, because Ray Tune trials change directory.
+the worker process, and no job leaves a global tracking URI behind for the next one (`active_run`). Tracking
+URIs are made absolute, because Ray Tune trials change directory.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -45,10 +47,11 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
 def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict, tags: dict,
               parent_run_id: str | None = None) -> str:
     """Create a run (nested under parent_run_id if given) with params and tags; returns its id."""
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(experiment)
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        client.create_experiment(experiment)
+        exp = client.get_experiment_by_name(experiment)
     all_tags = {k: str(v) for k, v in tags.items()}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
@@ -57,6 +60,24 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict, t
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in items[i:i + 100]])
     return run.info.run_id
+
+
+@contextmanager
+def active_run(tracking_uri: str, run_id: str):
+    """MLflow's fluent API (log_artifact, pytorch.log_model) on one run, leaving no tracking URI behind:
+    `mlflow.set_tracking_uri` also exports $MLFLOW_TRACKING_URI, which the next job in this process (a notebook,
+    a test) would otherwise read as its own store."""
+    from mlflow.tracking._tracking_service import utils
+
+    previous, previous_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if previous_env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:

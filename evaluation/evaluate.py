@@ -131,7 +131,7 @@ def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None) -> dict:
     import ray
 
     from camae.data import split_fingerprint
-    from camae.tracking import baseline_key, end_run, flatten, log_metrics, resolve_tracking_uri, start_run
+    from camae.tracking import active_run, baseline_key, end_run, flatten, log_metrics, resolve_tracking_uri, start_run
 
     out = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
     table, labels = prepare(cfg, out)
@@ -157,7 +157,7 @@ def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None) -> dict:
         raise
     summary |= {"run_id": parent, "tracking_uri": uri, "split": split_id, "embedding": asdict(embedded)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    with mlflow.start_run(run_id=parent):
+    with active_run(uri, parent):
         for f in sorted(out.glob("*.png")) + sorted(out.glob("*.csv")) + [out / "metrics.md", out / "config.yaml",
                                                                            out / "summary.json"]:
             mlflow.log_artifact(str(f))

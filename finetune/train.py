@@ -352,7 +352,7 @@ def finish(cfg: FinetuneConfig, result, table, labels, run_dir: Path, tracking_u
     from camae.data import TRAIN_COLUMNS, build_dataset
     from camae.metrics import classification_metrics, confusion, per_class_table
     from camae.plots import plot_confusion
-    from camae.tracking import end_run, log_metrics
+    from camae.tracking import active_run, end_run, log_metrics
 
     best = best_checkpoint(result, cfg, run_dir)
     best_metrics = json.loads((best / CKPT_METRICS).read_text())
@@ -377,7 +377,7 @@ def finish(cfg: FinetuneConfig, result, table, labels, run_dir: Path, tracking_u
         model = model.merge_and_unload()
     model.cpu().export(base, export_dir, list(labels.names))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    with mlflow.start_run(run_id=run_id):
+    with active_run(tracking_uri, run_id):
         for name in ("config.yaml", "labels.json", "splits.csv", "summary.json", "per_class_test.csv",
                      "confusion_test.png"):
             if (run_dir / name).is_file():

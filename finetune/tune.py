@@ -313,7 +313,7 @@ def run_sweep(sweep: SweepConfig, restart: bool = False) -> dict:
     _close_stopped_runs(uri, parent)
     log_metrics(uri, parent, {k: v for k, v in summary.items() if isinstance(v, float)}, step=0)
     end_run(uri, parent)
-    return summary | {"tracking_uri": uri, "run_id": parent}
+    return summary
 
 
 def _tune(sweep, base, base_dict, out, uri, parent, tune, ASHAScheduler, FIFOScheduler):
@@ -375,6 +375,7 @@ def summarize(sweep: SweepConfig, rows: list[dict], out: Path, uri: str, parent:
     import mlflow
 
     from camae.metrics import markdown_table
+    from camae.tracking import active_run
 
     metric, sign = sweep.sweep.metric, 1 if sweep.sweep.mode == "max" else -1
     frame = pd.DataFrame(rows)
@@ -386,8 +387,8 @@ def summarize(sweep: SweepConfig, rows: list[dict], out: Path, uri: str, parent:
     (out / "comparison.md").write_text(table)
     trials = frame[(frame["kind"] == "finetune") & frame.get("finished", False).fillna(False).astype(bool)]
     probes = frame[frame["kind"] == "probe"]
-    summary: dict = {"output": str(out), "trials": int((frame["kind"] == "finetune").sum()),
-                     "trials_finished": len(trials)}
+    summary: dict = {"output": str(out), "tracking_uri": uri, "run_id": parent,
+                     "trials": int((frame["kind"] == "finetune").sum()), "trials_finished": len(trials)}
     if len(trials):
         best = trials.iloc[0]
         params = next(r for r in rows if r["run"] == best["run"])
@@ -401,8 +402,7 @@ def summarize(sweep: SweepConfig, rows: list[dict], out: Path, uri: str, parent:
         if len(trials):
             summary[f"gap/{metric}"] = sign * (summary[f"best/{metric}"] - summary[f"baseline/{metric}"])
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    mlflow.set_tracking_uri(uri)  # a resumed sweep did not open its parent run in this process
-    with mlflow.start_run(run_id=parent):
+    with active_run(uri, parent):
         for name in ("comparison.csv", "comparison.md", "summary.json", "splits.csv", "labels.json"):
             if (out / name).is_file():
                 mlflow.log_artifact(str(out / name))

@@ -100,7 +100,7 @@ def test_sweep_interrupted_resumes_and_nests_runs_beside_the_baseline(ray_sessio
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trials"] == 2 and summary["trials_finished"] == 2
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(summary["tracking_uri"])
     state = json.loads((out / "sweep.json").read_text())
     parent = client.get_run(state["parent_run_id"])
     assert parent.data.tags["camae.kind"] == "sweep" and parent.info.status == "FINISHED"
