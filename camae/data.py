@@ -390,3 +390,24 @@ def split_fingerprint(table: pd.DataFrame) -> str:
 
     lines = sorted(f"{s}:{p}" for s, p in zip(table["sample_id"], table["split"], strict=True))
     return hashlib.sha1("\n".join(lines).encode()).hexdigest()[:12]
+
+
+def prepare_dataset(cfg: DataConfig, synth=None, run_dir: str | Path | None = None):
+    """What every job starts with: the synthetic plates written first if `synth` (a SynthConfig) is given and
+    data.root holds none yet; the table with its split column; the label map. With run_dir, the label map and
+    the split table are saved there (labels.json, splits.csv)."""
+    from camae.synth import ensure_dataset
+
+    if synth is not None and cfg.format == "rxrx1" and ensure_dataset(cfg.root, synth):
+        import logging
+
+        logging.getLogger("camae.data").info("wrote synthetic plates to %s (the config's synth section)", cfg.root)
+    table = read_table(cfg)
+    table["split"] = assign_splits(table, cfg)
+    labels = LabelMap.from_labels(table["label"])
+    if run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        labels.save(Path(run_dir) / "labels.json")
+        table[["sample_id", "plate", "batch", "label", "is_control", "split"]].to_csv(Path(run_dir) / "splits.csv",
+                                                                                     index=False)
+    return table, labels

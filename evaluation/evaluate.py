@@ -37,22 +37,6 @@ log = logging.getLogger("camae.evaluate")
 # Steps (plain functions of arrays and tables)
 
 
-def prepare(cfg: EvaluateConfig, out: Path):
-    """Synthesize the default data if asked and absent; the table with its split, and the label map."""
-    from camae.data import LabelMap, assign_splits, read_table
-    from camae.synth import ensure_dataset
-
-    if cfg.synth is not None and cfg.data.format == "rxrx1" and ensure_dataset(cfg.data.root, cfg.synth):
-        log.info("wrote synthetic plates to %s (the config's synth section)", cfg.data.root)
-    table = read_table(cfg.data)
-    table["split"] = assign_splits(table, cfg.data)
-    labels = LabelMap.from_labels(table["label"])
-    out.mkdir(parents=True, exist_ok=True)
-    labels.save(out / "labels.json")
-    table[["sample_id", "plate", "batch", "label", "is_control", "split"]].to_csv(out / "splits.csv", index=False)
-    return table, labels
-
-
 def embed(cfg: EvaluateConfig, table: pd.DataFrame, out: Path, channels: list[str] | None = None,
           blocks: bool | None = None):
     """Embed (or resume embedding) into `out`; returns (metadata with split, {column: array}, EmbedResult)."""
@@ -130,11 +114,11 @@ def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None) -> dict:
     import mlflow
     import ray
 
-    from camae.data import split_fingerprint
+    from camae.data import prepare_dataset, split_fingerprint
     from camae.tracking import active_run, baseline_key, end_run, flatten, log_metrics, resolve_tracking_uri, start_run
 
     out = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
-    table, labels = prepare(cfg, out)
+    table, labels = prepare_dataset(cfg.data, cfg.synth, out)
     save_config(cfg, out / "config.yaml")
     ray.init(ignore_reinit_error=True, log_to_driver=True)
     meta, arrays, embedded = embed(cfg, table, Path(cfg.embed.output or out / "embeddings"))
@@ -265,8 +249,10 @@ def run_embed(cfg: EvaluateConfig) -> dict:
     """Only the embedding pass (`camae embed`)."""
     import ray
 
+    from camae.data import prepare_dataset
+
     out = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
-    table, _ = prepare(cfg, out)
+    table, _ = prepare_dataset(cfg.data, cfg.synth, out)
     ray.init(ignore_reinit_error=True, log_to_driver=True)
     return asdict(embed_table(table, cfg.data, cfg.embed, Path(cfg.embed.output or out / "embeddings")))
 

@@ -231,21 +231,6 @@ def _maybe_inject_fault(cfg: FinetuneConfig, epoch: int, run_dir: str) -> None:
 # The driver
 
 
-def prepare_data(cfg: FinetuneConfig, run_dir: Path):
-    """Synthesize the default data if asked and absent; table, split, label map, all saved in run_dir."""
-    from camae.data import LabelMap, assign_splits, read_table
-    from camae.synth import ensure_dataset
-
-    if cfg.synth is not None and cfg.data.format == "rxrx1" and ensure_dataset(cfg.data.root, cfg.synth):
-        log.info("wrote synthetic plates to %s (the config's synth section)", cfg.data.root)
-    table = read_table(cfg.data)
-    table["split"] = assign_splits(table, cfg.data)
-    labels = LabelMap.from_labels(table["label"])
-    labels.save(run_dir / "labels.json")
-    table[["sample_id", "plate", "batch", "label", "is_control", "split"]].to_csv(run_dir / "splits.csv", index=False)
-    return table, labels
-
-
 def check_cpus(cfg: FinetuneConfig) -> None:
     """Ray Data needs CPUs of its own: if training workers take them all, fit() hangs without an error."""
     import ray
@@ -266,7 +251,7 @@ def run_finetune(cfg: FinetuneConfig, parent_run_id: str | None = None, callback
     from ray.train import DataConfig as RayDataConfig
     from ray.train.torch import TorchTrainer
 
-    from camae.data import TRAIN_COLUMNS, build_dataset, split_fingerprint
+    from camae.data import TRAIN_COLUMNS, build_dataset, prepare_dataset, split_fingerprint
     from camae.tracking import flatten, resolve_tracking_uri, start_run
 
     out = Path(cfg.run.output_dir).resolve()
@@ -274,7 +259,7 @@ def run_finetune(cfg: FinetuneConfig, parent_run_id: str | None = None, callback
     run_dir.mkdir(parents=True, exist_ok=True)
     ray.init(ignore_reinit_error=True, log_to_driver=True)
     check_cpus(cfg)
-    table, labels = prepare_data(cfg, run_dir)
+    table, labels = prepare_dataset(cfg.data, cfg.synth, run_dir)
     save_config(cfg, run_dir / "config.yaml")
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri, out)
     run_id = start_run(tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.run.name,

@@ -269,9 +269,9 @@ def run_sweep(sweep: SweepConfig, restart: bool = False) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from camae.data import split_fingerprint
+    from camae.data import prepare_dataset, split_fingerprint
     from camae.tracking import end_run, flatten, log_metrics, resolve_tracking_uri, start_run
-    from finetune.train import check_cpus, prepare_data
+    from finetune.train import check_cpus
 
     base_dict, base = resolve(sweep)
     validate_space(base_dict, sweep.sweep.search_space)
@@ -288,7 +288,7 @@ def run_sweep(sweep: SweepConfig, restart: bool = False) -> dict:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # reports block this long (local clusters)
     ray.init(ignore_reinit_error=True, log_to_driver=True)
     check_cpus(base)
-    table, _ = prepare_data(base, out)
+    table, _ = prepare_dataset(base.data, base.synth, out)
     split = split_fingerprint(table)
     uri = resolve_tracking_uri(base.tracking.tracking_uri, Path(base.run.output_dir).resolve())
     experiment = sweep.experiment or base.tracking.experiment

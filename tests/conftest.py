@@ -54,6 +54,17 @@ def tiny_model(tiny_dir):
     return MAEModel.from_pretrained(tiny_dir)
 
 
+@pytest.fixture(scope="module")
+def ray_session():
+    """A fresh local 2-CPU Ray cluster per test module (address="local": never a stale one from /tmp/ray)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture
 def images():
     def make(b=2, c=6, size=256, seed=0):

@@ -220,16 +220,6 @@ SMALL = ["synth.experiments=1", "synth.plates_per_experiment=4", "synth.wells_pe
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def small(tmp_path_factory):
     return tmp_path_factory.mktemp("eval") / "plates"
 
@@ -241,13 +231,12 @@ def small_config(root: Path, out: Path, *overrides: str) -> EvaluateConfig:
 
 def test_embed_matches_the_model_and_resumes_per_file(ray_session, tmp_path):
     from camae.classifier import base_model
-    from camae.data import load_site
+    from camae.data import load_site, prepare_dataset
     from evaluation.embed import embed_table, load_embeddings
-    from evaluation.evaluate import prepare
 
     cfg = small_config(tmp_path / "plates512", tmp_path, "synth.size=512", "data.eval_crop=tile", "embed.blocks=true",
                        "embed.channelwise=true")
-    table, _ = prepare(cfg, tmp_path / "run")
+    table, _ = prepare_dataset(cfg.data, cfg.synth)
     out = tmp_path / "emb"
     result = embed_table(table, cfg.data, cfg.embed, out)
     assert (result.files, result.files_written, result.sites, result.skipped) == (6, 6, len(table), 0)

@@ -35,16 +35,6 @@ def data_root(tmp_path_factory):
     return tmp_path_factory.mktemp("ft") / "plates"  # written by the first run (quickstart.yaml's synth)
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
-
-
 def _history(summary: dict, key: str) -> list[float]:
     client = MlflowClient(summary["tracking_uri"])
     return [m.value for m in sorted(client.get_metric_history(summary["run_id"], key), key=lambda m: m.step)]
@@ -91,8 +81,8 @@ def test_mode_learns_tracks_and_exports(ray_session, tmp_path, data_root, mode):
     if log_model:  # the MLflow model predicts like the export
         import mlflow
 
-        mlflow.set_tracking_uri(summary["tracking_uri"])
-        logged = mlflow.pytorch.load_model(f"runs:/{summary['run_id']}/model")
+        local = MlflowClient(summary["tracking_uri"]).download_artifacts(summary["run_id"], "model", str(tmp_path))
+        logged = mlflow.pytorch.load_model(local)  # no global tracking URI left behind for later tests
         with torch.no_grad():
             torch.testing.assert_close(logged(batch["image"]), loaded(batch["image"]), atol=1e-4, rtol=1e-4)
     encoder = MAEModel.from_pretrained(summary["export"]).encoder.vit_backbone

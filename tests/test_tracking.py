@@ -11,7 +11,10 @@ from camae.tracking import active_run, resolve_tracking_uri, start_run
 
 
 def test_jobs_in_one_process_keep_their_own_stores(tmp_path, monkeypatch):
+    from mlflow.tracking._tracking_service import utils
+
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(utils, "_tracking_uri", None)  # a fresh process: no URI set yet
     first = resolve_tracking_uri(None, tmp_path / "a")
     run = start_run(first, "exp", "one", {"p": 1}, {"camae.kind": "test"})
     (tmp_path / "note.txt").write_text("x")

@@ -50,16 +50,6 @@ def test_candidate_values_cover_choices_and_range_ends():
     assert candidate_values(space) == {"a": [1, 2], "b": [1e-4, 1e-2], "c": [2, 4], "d": [7]}
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
-
-
 SMALL = ["synth.experiments=1", "synth.plates_per_experiment=4", "synth.wells_per_plate=12", "synth.classes=2",
          "synth.controls_per_plate=4", "synth.sites_per_well=1", "synth.effect_size=4", "train.epochs=2",
          "data.channels=[nuclei, er, mito]"]
