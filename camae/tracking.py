@@ -63,21 +63,27 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict, t
 
 
 @contextmanager
-def active_run(tracking_uri: str, run_id: str):
-    """MLflow's fluent API (log_artifact, pytorch.log_model) on one run, leaving no tracking URI behind:
-    `mlflow.set_tracking_uri` also exports $MLFLOW_TRACKING_URI, which the next job in this process (a notebook,
-    a test) would otherwise read as its own store."""
+def using_tracking_uri(tracking_uri: str):
+    """MLflow's fluent API (log_artifact, pytorch.log_model / load_model) against one store, leaving no tracking
+    URI behind: `mlflow.set_tracking_uri` also exports $MLFLOW_TRACKING_URI, which the next job in this process
+    (a notebook, a test) would otherwise read as its own store."""
     from mlflow.tracking._tracking_service import utils
 
     previous, previous_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri)
     try:
-        with mlflow.start_run(run_id=run_id):
-            yield
+        yield
     finally:
         mlflow.set_tracking_uri(previous)
         if previous_env is not None:
             os.environ["MLFLOW_TRACKING_URI"] = previous_env
+
+
+@contextmanager
+def active_run(tracking_uri: str, run_id: str):
+    """The fluent API on one existing run (see `using_tracking_uri`)."""
+    with using_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
+        yield
 
 
 def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:

@@ -122,7 +122,7 @@ def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None) -> dict:
     save_config(cfg, out / "config.yaml")
     ray.init(ignore_reinit_error=True, log_to_driver=True)
     meta, arrays, embedded = embed(cfg, table, Path(cfg.embed.output or out / "embeddings"))
-    X, y, split = arrays["embedding"], labels.encode(meta["label"]), meta["split"].to_numpy()
+    y = labels.encode(meta["label"])
     split_id = split_fingerprint(table)
     tags = {"camae.split": split_id, "camae.baseline_key": baseline_key(cfg, split_id),
             "camae.encoder": cfg.embed.checkpoint or "random", "camae.dataset": Path(cfg.data.root).name,
@@ -135,7 +135,7 @@ def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None) -> dict:
     if embedded.skipped:
         log.warning("%d sites were skipped (data.on_error=skip); see %s/skipped", embedded.skipped, embedded.output)
     try:
-        summary = _evaluate(cfg, out, meta, arrays, X, y, split, labels, uri, parent, params, tags)
+        summary = _evaluate(cfg, out, table, meta, arrays, y, labels, uri, parent, params, tags)
     except BaseException:
         end_run(uri, parent, "FAILED")
         raise
@@ -149,12 +149,13 @@ def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None) -> dict:
     return summary
 
 
-def _evaluate(cfg, out, meta, arrays, X, y, split, labels, uri, parent, params, tags) -> dict:
+def _evaluate(cfg, out, table, meta, arrays, y, labels, uri, parent, params, tags) -> dict:
     from camae.metrics import confusion, markdown_table
     from camae.plots import plot_confusion
     from camae.tracking import end_run, log_metrics, start_run
     from evaluation.report import plot_curve, plot_projections
 
+    X, split = arrays["embedding"], meta["split"].to_numpy()
     corrected = corrections(cfg, meta, X, cfg.correction.methods)
     pairs = known_pairs(cfg)
     rows, probe_runs, bio_tables, summary_skipped = [], [], [], {}
@@ -198,7 +199,9 @@ def _evaluate(cfg, out, meta, arrays, X, y, split, labels, uri, parent, params, 
                        "logistic probe accuracy", out / "per_block.png")
         summary["per_block"] = curve
     if cfg.biology.channel_leave_one_out and len(cfg.data.channels) > 1:
-        summary["channel_leave_one_out"] = leave_one_out(cfg, out, meta, y, uri, parent)
+        method = cfg.biology.loo_correction
+        reference = corrected[method] if method in corrected else corrections(cfg, meta, X, [method])[method]
+        summary["channel_leave_one_out"] = leave_one_out(cfg, out, table, meta, reference, y, uri, parent)
     if cfg.run.plots:
         shown = {m: corrected[m] for m in ("raw", cfg.correction.methods[-1]) if m in corrected}
         plot_projections(meta, shown, out / "projection.png")
@@ -210,16 +213,14 @@ METRICS_SHOWN = ("run", "correction", "val/accuracy", "test/accuracy", "test/mac
                  "bio/map", "bio/fraction_retrieved", "bio/relationship_recall", "bio/plate_predictability")
 
 
-def leave_one_out(cfg: EvaluateConfig, out: Path, meta: pd.DataFrame, y: np.ndarray, uri: str, parent: str) -> dict:
-    """Re-embed without each channel in turn; logistic probe and mAP on biology.loo_correction."""
-    from camae.data import read_table
+def leave_one_out(cfg: EvaluateConfig, out: Path, table: pd.DataFrame, meta: pd.DataFrame, full: np.ndarray,
+                  y: np.ndarray, uri: str, parent: str) -> dict:
+    """Re-embed without each channel in turn; logistic probe and mAP on biology.loo_correction (`full`: the
+    all-channel embeddings with that correction, the reference)."""
     from camae.tracking import log_metrics
     from evaluation.report import plot_bars
 
-    table = read_table(cfg.data)
-    table["split"] = table["sample_id"].map(dict(zip(meta["sample_id"], meta["split"], strict=True)))
     method, results = cfg.biology.loo_correction, {}
-    full = corrections(cfg, meta, load_embeddings(Path(cfg.embed.output or out / "embeddings"))[1], [method])[method]
     reference = run_probe("logistic", full, y, meta["split"].to_numpy(), cfg.probes)[0].get("test/accuracy", np.nan)
     for channel in cfg.data.channels:
         kept = [c for c in cfg.data.channels if c != channel]

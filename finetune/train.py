@@ -372,7 +372,7 @@ def finish(cfg: FinetuneConfig, result, table, labels, run_dir: Path, tracking_u
             mlflow.log_artifacts(str(adapter_dir), "adapter")
         if cfg.tracking.log_model:  # a traced (pt2) model; a batch of 2 keeps the batch size dynamic (1 is static)
             example = np.zeros((2, len(cfg.data.channels), cfg.data.crop_size, cfg.data.crop_size), dtype=np.uint8)
-            mlflow.pytorch.log_model(model.eval(), name="model", input_example=example)
+            summary["model_uri"] = mlflow.pytorch.log_model(model.eval(), name="model", input_example=example).model_uri
     end_run(tracking_uri, run_id)
     summary["export"] = str(export_dir)
     return summary

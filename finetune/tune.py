@@ -267,7 +267,6 @@ def run_sweep(sweep: SweepConfig, restart: bool = False) -> dict:
     """The whole sweep; returns a summary with the comparison table, the best trial and the baseline."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from camae.data import prepare_dataset, split_fingerprint
     from camae.tracking import end_run, flatten, log_metrics, resolve_tracking_uri, start_run
@@ -300,7 +299,8 @@ def run_sweep(sweep: SweepConfig, restart: bool = False) -> dict:
     parent = state["parent_run_id"]
     try:
         rows = run_baseline(sweep, base, out, uri, experiment, split, parent) if sweep.baseline.enabled else []
-        grid = _tune(sweep, base, base_dict, out, uri, parent, tune, ASHAScheduler, FIFOScheduler)
+        grid = _tune(sweep, base, base_dict, out, {"tracking_uri": uri, "experiment": experiment,
+                                                   "parent_run_id": parent})
         if _interrupted(out / "tune", tune):
             print(f"[camae] sweep interrupted; rerun the same command to resume it ({out})", flush=True)
             return {"interrupted": True, "output": str(out)}
@@ -316,11 +316,15 @@ def run_sweep(sweep: SweepConfig, restart: bool = False) -> dict:
     return summary
 
 
-def _tune(sweep, base, base_dict, out, uri, parent, tune, ASHAScheduler, FIFOScheduler):
+def _tune(sweep: SweepConfig, base: FinetuneConfig, base_dict: dict, out: Path, tracking: dict):
+    """Run the Tuner, or restore and finish an earlier one; returns its ResultGrid."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
     s = sweep.sweep
-    context = {"base": base_dict, "trials_dir": str(out / "trials"), "sweep": sweep.name, "tracking_uri": uri,
-               "experiment": sweep.experiment or base.tracking.experiment, "parent_run_id": parent}
-    trainable = _trainable(tune, context)
+    trainable = _trainable(tune, {"base": base_dict, "trials_dir": str(out / "trials"), "sweep": sweep.name,
+                                  **tracking})
     path = out / "tune"
     if tune.Tuner.can_restore(str(path)):
         print(f"[camae] resuming the sweep in {path}: finished trials are kept", flush=True)
@@ -330,8 +334,6 @@ def _tune(sweep, base, base_dict, out, uri, parent, tune, ASHAScheduler, FIFOSch
                                grace_period=sweep.sweep.scheduler.grace_period,
                                reduction_factor=sweep.sweep.scheduler.reduction_factor)
                  if s.scheduler.kind == "asha" else FIFOScheduler())
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
     tuner = tune.Tuner(
         trainable,
         param_space={"params": parse_space(s.search_space)},

@@ -81,8 +81,10 @@ def test_mode_learns_tracks_and_exports(ray_session, tmp_path, data_root, mode):
     if log_model:  # the MLflow model predicts like the export
         import mlflow
 
-        local = MlflowClient(summary["tracking_uri"]).download_artifacts(summary["run_id"], "model", str(tmp_path))
-        logged = mlflow.pytorch.load_model(local)  # no global tracking URI left behind for later tests
+        from camae.tracking import using_tracking_uri
+
+        with using_tracking_uri(summary["tracking_uri"]):  # no global tracking URI left behind for later tests
+            logged = mlflow.pytorch.load_model(summary["model_uri"])
         with torch.no_grad():
             torch.testing.assert_close(logged(batch["image"]), loaded(batch["image"]), atol=1e-4, rtol=1e-4)
     encoder = MAEModel.from_pretrained(summary["export"]).encoder.vit_backbone
