@@ -212,7 +212,10 @@ def load_embeddings(path: str | Path, column: str = "embedding") -> tuple[pd.Dat
     files = sorted(Path(path).glob("part-*.parquet"))
     if not files:
         raise FileNotFoundError(f"{path} holds no part-*.parquet files; run `camae embed` first")
-    table = pa.concat_tables([pq.read_table(f) for f in files])
+    tables = [t for t in map(pq.read_table, files) if t.num_rows]  # a file whose sites were all skipped is empty
+    if not tables:
+        raise FileNotFoundError(f"{path} holds no embedded sites: every site was skipped (see {path}/skipped)")
+    table = pa.concat_tables(tables)
     if column not in table.column_names:
         raise KeyError(f"{path} has no column {column!r} (it has {table.column_names}); embed with the matching "
                        "embed.channelwise / embed.blocks setting")

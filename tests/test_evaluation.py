@@ -314,3 +314,19 @@ def test_embedder_actor_on_gpu_matches_cpu():
     cpu, gpu = Embedder(cfg, use_gpu=False, threads=0)(batch), Embedder(cfg, use_gpu=True, threads=0)(batch)
     np.testing.assert_allclose(gpu["embedding"], cpu["embedding"], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(gpu["embedding_blocks"], cpu["embedding_blocks"], rtol=1e-4, atol=1e-4)
+
+
+def test_embed_counts_skipped_sites_and_loads_around_them(ray_session, tmp_path):
+    from camae.data import prepare_dataset, skipped_report
+    from evaluation.embed import embed_table, load_embeddings
+
+    cfg = small_config(tmp_path / "plates", tmp_path, "synth.plates_per_experiment=1", "data.on_error=skip",
+                       "embed.sites_per_file=2", "embed.blocks=false", "data.val_fraction=0", "data.test_fraction=0")
+    table, _ = prepare_dataset(cfg.data, cfg.synth)
+    for row in table.sort_values(["plate", "well", "site"]).iloc[:2].itertuples():  # all of the first file
+        Path(row.path_er).write_bytes(b"not a png")
+    result = embed_table(table, cfg.data, cfg.embed, tmp_path / "emb")
+    assert (result.sites, result.skipped) == (len(table), 2)
+    assert len(skipped_report(tmp_path / "emb" / "skipped")) == 2
+    meta, X = load_embeddings(tmp_path / "emb")
+    assert len(meta) == len(X) == len(table) - 2
