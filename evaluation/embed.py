@@ -50,6 +50,7 @@ class Embedder:
         self.cfg = cfg
         self.device = torch.device("cuda" if use_gpu else "cpu")
         model = base_model(cfg)
+        model.decoder = torch.nn.Identity()  # only the encoder runs here: free the decoder (155M values at ViT-S)
         self.model = model.to(self.device).eval()
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and use_gpu)
 
