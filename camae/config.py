@@ -7,6 +7,7 @@ config that runs keep beside their outputs.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import types
@@ -517,20 +518,48 @@ def _coerce(tp, value, key: str):
     raise ConfigError(f"config key '{key}' must be {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
+def set_key(tree: dict, dotted: str, value) -> dict:
+    """tree[a][b] = value for the dotted key "a.b", in place (missing sections are created); returns tree."""
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"'{part}' is not a section (setting '{dotted}')")
+    node[leaf] = value
+    return tree
+
+
+def dotted_items(tree: dict, prefix: str = "") -> dict:
+    """Nested dict -> {"a.b": value}; an empty mapping is a value, not a section."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out |= dotted_items(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b=c` overrides to a nested dict; values are parsed as YAML (`x=1e-4`, `x=[a, b]`)."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key.subkey=value")
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: '{part}' is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            set_key(data, key, yaml.safe_load(raw))
+        except ConfigError as err:
+            raise ConfigError(f"override {item!r}: {err}") from err
     return data
+
+
+def job_parser(prog: str, doc: str | None, configs: str) -> argparse.ArgumentParser:
+    """The command line every job shares: --config (a YAML in configs/<configs>/) and repeatable --set."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help=f"a YAML in configs/{configs}/")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    return parser
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:

@@ -32,16 +32,16 @@ def resolve_tracking_uri(uri: str | None, output_dir: str | os.PathLike) -> str:
     return uri
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+def flatten(d: dict) -> dict[str, str]:
     """Nested config dict -> {"train.lr": "0.001", ...}; lists and None as JSON."""
-    out = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out |= flatten(value, f"{name}.")
-        else:
-            out[name] = value if isinstance(value, str) else json.dumps(value)
-    return out
+    from camae.config import dotted_items
+
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in dotted_items(d).items()}
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The line every job ends with: how to open the MLflow UI on its store, on 127.0.0.1 only."""
+    return f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
 
 
 def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict, tags: dict,

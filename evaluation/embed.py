@@ -210,6 +210,16 @@ def _write_file(rows: pd.DataFrame, crops: dict, path: Path) -> None:
 
 def load_embeddings(path: str | Path, column: str = "embedding") -> tuple[pd.DataFrame, np.ndarray]:
     """All files of an embedding directory: (metadata, float32 [sites, dim] of `column`)."""
+    meta, arrays = load_embedding_columns(path)
+    if column not in arrays:
+        raise KeyError(f"{path} has no column {column!r} (it has {sorted(arrays)}); embed with the matching "
+                       "embed.channelwise / embed.blocks setting")
+    return meta, arrays[column]
+
+
+def load_embedding_columns(path: str | Path) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """All files of an embedding directory, read once: (metadata, {column: float32 [sites, dim]} for every
+    embedding column present)."""
     files = sorted(Path(path).glob("part-*.parquet"))
     if not files:
         raise FileNotFoundError(f"{path} holds no part-*.parquet files; run `camae embed` first")
@@ -217,11 +227,9 @@ def load_embeddings(path: str | Path, column: str = "embedding") -> tuple[pd.Dat
     if not tables:
         raise FileNotFoundError(f"{path} holds no embedded sites: every site was skipped (see {path}/skipped)")
     table = pa.concat_tables(tables)
-    if column not in table.column_names:
-        raise KeyError(f"{path} has no column {column!r} (it has {table.column_names}); embed with the matching "
-                       "embed.channelwise / embed.blocks setting")
-    array = table.column(column).combine_chunks()
-    width = array.type.list_size
-    values = array.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
-    meta = table.drop_columns([c for c in EMBED_COLUMNS if c in table.column_names]).to_pandas()
-    return meta, values
+    present = [c for c in EMBED_COLUMNS if c in table.column_names]
+    arrays = {}
+    for column in present:
+        array = table.column(column).combine_chunks()
+        arrays[column] = array.flatten().to_numpy(zero_copy_only=False).reshape(-1, array.type.list_size)
+    return table.drop_columns(present).to_pandas(), arrays

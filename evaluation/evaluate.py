@@ -13,7 +13,6 @@ plates); outputs go to run.output_dir/run.name.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -24,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from camae.config import EvaluateConfig, load_config, save_config, to_dict
+from camae.config import EvaluateConfig, job_parser, load_config, save_config, to_dict
 from evaluation.batch_correction import fit_correction
 from evaluation.biology import plate_predictability, relationship_recall, replicate_map, well_profiles
-from evaluation.embed import embed_table, load_embeddings
+from evaluation.embed import embed_table, load_embedding_columns
 from evaluation.probes import run_probe
 
 log = logging.getLogger("camae.evaluate")
@@ -42,10 +41,7 @@ def embed(cfg: EvaluateConfig, table: pd.DataFrame, out: Path, channels: list[st
     """Embed (or resume embedding) into `out`; returns (metadata with split, {column: array}, EmbedResult)."""
     ecfg = cfg.embed if blocks is None else replace(cfg.embed, blocks=blocks)
     result = embed_table(table, cfg.data, ecfg, out, channels)
-    meta, X = load_embeddings(out)
-    arrays = {"embedding": X}
-    if ecfg.blocks:
-        arrays["embedding_blocks"] = load_embeddings(out, "embedding_blocks")[1]
+    meta, arrays = load_embedding_columns(out)  # embedding [+ embedding_blocks, embedding_channelwise]
     split = dict(zip(table["sample_id"], table["split"], strict=True))
     meta["split"] = meta["sample_id"].map(split)
     return meta, arrays, result
@@ -259,10 +255,9 @@ def run_embed(cfg: EvaluateConfig) -> dict:
 
 
 def main(argv: list[str] | None = None, only_embed: bool = False) -> int:
-    parser = argparse.ArgumentParser(prog="camae embed" if only_embed else "evaluation.evaluate",
-                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="a YAML in configs/evaluate/")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    from camae.tracking import ui_command
+
+    parser = job_parser("camae embed" if only_embed else "evaluation.evaluate", __doc__, "evaluate")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -275,7 +270,7 @@ def main(argv: list[str] | None = None, only_embed: bool = False) -> int:
         return 0
     summary = run_evaluate(cfg, parent_run_id=os.environ.get("CAMAE_PARENT_RUN_ID"))
     print((Path(cfg.run.output_dir) / cfg.run.name / "metrics.md").read_text())
-    print(f"MLflow UI: mlflow ui --backend-store-uri {summary['tracking_uri']} --host 127.0.0.1 --port 5000")
+    print(ui_command(summary["tracking_uri"]))
     return 0
 
 

@@ -12,7 +12,6 @@ the last finished epoch.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from camae.classifier import MAEClassifier, base_model
-from camae.config import FinetuneConfig, from_dict, load_config, save_config, to_dict
+from camae.config import FinetuneConfig, from_dict, job_parser, load_config, save_config, to_dict
 from camae.model import MAEModel
 
 log = logging.getLogger("camae.finetune")
@@ -379,11 +378,9 @@ def finish(cfg: FinetuneConfig, result, table, labels, run_dir: Path, tracking_u
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="finetune.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="a YAML in configs/finetune/")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    args = parser.parse_args(argv)
+    from camae.tracking import ui_command
+
+    args = job_parser("finetune.train", __doc__, "finetune").parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(FinetuneConfig, args.config, args.set)
@@ -392,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = run_finetune(cfg)
     print(json.dumps(summary, indent=2))
-    print(f"\nMLflow UI: mlflow ui --backend-store-uri {summary['tracking_uri']} --host 127.0.0.1 --port 5000")
+    print("\n" + ui_command(summary["tracking_uri"]))
     return 0
 
 

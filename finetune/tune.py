@@ -15,7 +15,6 @@ Rerunning the same command resumes an interrupted sweep (`Tuner.restore`): finis
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -34,9 +33,12 @@ from camae.config import (
     FinetuneConfig,
     SweepConfig,
     apply_overrides,
+    dotted_items,
     from_dict,
+    job_parser,
     load_config,
     save_config,
+    set_key,
     to_dict,
 )
 
@@ -49,19 +51,6 @@ SHOWN = ["run", "kind", "mode", "correction", "val/accuracy", "test/accuracy", "
 
 # ----------------------------------------------------------------------------------------------------------------
 # The search space: YAML -> Tune distributions, checked against FinetuneConfig first
-
-
-def set_key(tree: dict, dotted: str, value) -> dict:
-    """tree with tree[a][b] = value for dotted "a.b" (a copy)."""
-    tree = copy.deepcopy(tree)
-    node = tree
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"search space key '{dotted}': '{part}' is not a section")
-    node[leaf] = value
-    return tree
 
 
 def parse_space(space: dict) -> dict:
@@ -101,9 +90,9 @@ def candidate_values(space: dict) -> dict[str, list]:
 
 def trial_config(base: dict, params: dict) -> FinetuneConfig:
     """The FinetuneConfig of one trial: base + sampled {dotted key: value}."""
-    tree = base
+    tree = copy.deepcopy(base)
     for key, value in params.items():
-        tree = set_key(tree, key, value)
+        set_key(tree, key, value)
     return from_dict(FinetuneConfig, tree)
 
 
@@ -155,23 +144,13 @@ def resolve(sweep: SweepConfig) -> tuple[dict, FinetuneConfig]:
     if not base_path.is_file():
         raise ConfigError(f"base: {base_path} does not exist (a finetune YAML, relative to {Path.cwd()})")
     tree = yaml.safe_load(base_path.read_text()) or {}
-    for key, value in _dotted(sweep.finetune).items():
-        tree = set_key(tree, key, value)
+    for key, value in dotted_items(sweep.finetune).items():
+        set_key(tree, key, value)
     try:
         cfg = from_dict(FinetuneConfig, tree)
     except ConfigError as err:
         raise ConfigError(f"finetune (the base {base_path} with the sweep's overrides): {err}") from err
     return to_dict(cfg), cfg
-
-
-def _dotted(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out |= _dotted(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def concurrency(sweep: SweepConfig, base: FinetuneConfig) -> int:
@@ -415,10 +394,9 @@ def summarize(sweep: SweepConfig, rows: list[dict], out: Path, uri: str, parent:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="finetune.tune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="a YAML in configs/tune/")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    from camae.tracking import ui_command
+
+    parser = job_parser("finetune.tune", __doc__, "tune")
     parser.add_argument("--restart", action="store_true", help="discard an earlier run of this sweep; start over")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -437,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     if gap is not None:
         print(f"\nbest fine-tune {summary['best_run']} vs best probe baseline {summary['baseline_run']}: "
               f"{'+' if gap >= 0 else ''}{gap:.3f} {sweep.sweep.metric}")
-    print(f"\nMLflow UI: mlflow ui --backend-store-uri {summary['tracking_uri']} --host 127.0.0.1 --port 5000")
+    print("\n" + ui_command(summary["tracking_uri"]))
     return 0
 
 
