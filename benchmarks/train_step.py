@@ -1,6 +1,6 @@
 """Steps/s of the Ray Train fine-tuning loop against a plain PyTorch loop, and the per-epoch cost of reporting.
 
-Both run `finetune.train.run_epoch` on the same model, batches and optimizer settings, single-threaded (one CPU
+Both run `finetune.worker.run_epoch` on the same model, batches and optimizer settings, single-threaded (one CPU
 worker: Ray gives a 1-CPU worker one torch thread, so the plain loop gets one too). Images are decoded once up
 front, so the comparison is about the training loop: Ray Train's worker, Ray Data's shard iterator and the
 per-epoch `ray.train.report` with a checkpoint. Epoch 1 is warm-up; later epochs give the steady state.
@@ -45,7 +45,7 @@ def images_and_labels(n: int, channels: int, seed: int = 0) -> tuple[np.ndarray,
 
 
 def epochs_plain(cfg: FinetuneConfig, images: np.ndarray, labels: np.ndarray, classes: int) -> list[dict]:
-    from finetune.train import build_model, build_optimizer, run_epoch
+    from finetune.worker import build_model, build_optimizer, run_epoch
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -68,7 +68,7 @@ def train_fn(config: dict) -> None:
     from ray.train import Checkpoint
 
     from camae.config import from_dict
-    from finetune.train import build_model, build_optimizer, run_epoch
+    from finetune.worker import build_model, build_optimizer, run_epoch
 
     cfg = from_dict(FinetuneConfig, config["cfg"])
     torch.manual_seed(0)

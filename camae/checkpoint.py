@@ -60,12 +60,22 @@ def read_state_dict(path: str | os.PathLike, map_location="cpu") -> dict[str, to
     if head.startswith(ZIP_MAGIC):
         return _read_torch_zip(path, map_location)
     if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < path.stat().st_size:
-        return load_file(path, device=str(map_location))
+        from safetensors import SafetensorError
+
+        try:
+            return load_file(path, device=str(map_location))
+        except SafetensorError as err:
+            raise cut_short(path, f"safetensors: {err}") from err
     if head.startswith(b"version https://git-lfs"):
         raise CheckpointError(f"{path} is a Git LFS pointer, not the weights; fetch the real file "
                               "(`git lfs pull` in the cloned repo, or download it directly)")
-    raise CheckpointError(f"{path} is neither a torch zip archive nor a safetensors file (starts with {head[:16]!r});"
-                          " the download is probably truncated or an error page: download it again")
+    raise cut_short(path, f"neither a torch zip archive nor a safetensors file; starts with {head[:16]!r}")
+
+
+def cut_short(path: Path, why: str) -> CheckpointError:
+    """The one message for a weights file that is not whole: a download cut short, or an HTML error page."""
+    return CheckpointError(f"{path} is not a complete checkpoint ({why}); the download was probably cut short or "
+                           "saved an error page: download it again")
 
 
 def _read_torch_zip(path: Path, map_location) -> dict[str, torch.Tensor]:
@@ -75,8 +85,8 @@ def _read_torch_zip(path: Path, map_location) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"{path} holds objects other than tensors, and camae never runs pickled code "
                               f"(weights_only=True): {str(err).splitlines()[0]}") from err
-    except RuntimeError as err:
-        raise CheckpointError(f"{path} is a damaged torch archive ({err}); download it again") from err
+    except (RuntimeError, OSError, EOFError) as err:  # a cut zip: miniz errors, or OSError EINVAL on a short seek
+        raise cut_short(path, f"torch zip: {str(err).splitlines()[0][:160]}") from err
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors (the official format is "

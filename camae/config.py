@@ -214,9 +214,20 @@ class RunSection:
     output_dir: str = "outputs"
     """Root of run outputs (checkpoints, exports, the default MLflow store)."""
     storage_path: str | None = None
-    """Ray Train storage (shared by all nodes on a cluster); default: output_dir/ray."""
+    """Ray Train storage: checkpoints (and, for a URI, the export) go to storage_path/name. A local path, an NFS
+    path mounted on every node, or a URI pyarrow understands (s3://bucket/runs, gs://...; endpoint and credentials
+    from the AWS_* variables of the job's runtime env, or in the URI's query). On a multi-node cluster a path some
+    node cannot read is refused before training. Default: output_dir/ray (single machine)."""
     num_workers: int = 0
     """Ray Train workers; 0 runs the loop in this process (quick runs), >1 trains with DDP."""
+    min_workers: int | None = None
+    """Elastic training: with a node lost, go on with as few as this many workers (Ray Train's
+    ScalingConfig(num_workers=(min_workers, num_workers))); None: always num_workers (a restart waits for them)."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How workers are placed on nodes (a Ray placement group strategy); STRICT_SPREAD: one worker per node."""
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources each worker needs besides its CPUs (and GPU), e.g. {trainer: 1} to pin workers to
+    nodes started with `--resources '{"trainer": 1}'`."""
     cpus_per_worker: int = 1
     """CPUs per training worker; leave some for Ray Data's decoding."""
     use_gpu: bool = False

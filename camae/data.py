@@ -318,17 +318,22 @@ def decode_batch(batch: dict[str, np.ndarray], cfg: DataConfig, train: bool, lab
 
 
 def _log_skipped(records: list[dict], skip_log: str | None) -> None:
+    """Decode tasks run on any node: the log is a directory or URI every node writes to (camae.storage)."""
+    from camae import storage
+
     if skip_log is None:
         raise DataError(f"{len(records)} sites were skipped but no skip log is set; first: {records[0]}")
-    Path(skip_log).mkdir(parents=True, exist_ok=True)
-    with open(Path(skip_log) / f"skipped-{uuid.uuid4().hex}.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+    storage.write_text(storage.join(skip_log, f"skipped-{uuid.uuid4().hex}.jsonl"),
+                       "".join(json.dumps(r) + "\n" for r in records))
 
 
 def skipped_report(skip_log: str | Path) -> pd.DataFrame:
-    """Every site skipped under on_error=skip, with the reason (from the logs decode tasks wrote)."""
-    files = sorted(Path(skip_log).glob("skipped-*.jsonl"))
-    rows = [json.loads(line) for f in files for line in f.read_text().splitlines() if line]
+    """Every site skipped under on_error=skip, with the reason (from the logs decode tasks wrote, on any node)."""
+    from camae import storage
+
+    files = [f for f in storage.listdir(skip_log) if f.startswith("skipped-") and f.endswith(".jsonl")]
+    rows = [json.loads(line) for f in files for line in storage.read_text(storage.join(skip_log, f)).splitlines()
+            if line]
     return pd.DataFrame(rows, columns=["sample_id", "error"])
 
 

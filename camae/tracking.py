@@ -9,6 +9,7 @@ URIs are made absolute, because Ray Tune trials change directory.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from contextlib import contextmanager
@@ -16,6 +17,10 @@ from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
+
+from camae.config import ConfigError
+
+log = logging.getLogger("camae.tracking")
 
 
 def resolve_tracking_uri(uri: str | None, output_dir: str | os.PathLike) -> str:
@@ -30,6 +35,21 @@ def resolve_tracking_uri(uri: str | None, output_dir: str | os.PathLike) -> str:
         path.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{path / 'mlflow.db'}"
     return uri
+
+
+def check_tracking(uri: str, key: str = "tracking.tracking_uri", timeout: float = 10.0) -> None:
+    """Before any training starts: an MLflow server (http/https URI) must answer its /health endpoint. On a cluster
+    the job's rank-0 worker may run on any node, so a server (not a SQLite file beside the driver) is the way to
+    track there."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout).raise_for_status()
+    except requests.RequestException as err:
+        raise ConfigError(f"{key}={uri}: the MLflow server does not answer ({type(err).__name__}); start it "
+                          "(`mlflow server --host 0.0.0.0 --port 5000 --serve-artifacts ...`) or fix the URI") from err
 
 
 def flatten(d: dict) -> dict[str, str]:
@@ -50,7 +70,7 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict, t
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        client.create_experiment(experiment)
+        client.create_experiment(experiment, artifact_location=_artifact_location(tracking_uri, experiment))
         exp = client.get_experiment_by_name(experiment)
     all_tags = {k: str(v) for k, v in tags.items()}
     if parent_run_id:
@@ -60,6 +80,14 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict, t
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in items[i:i + 100]])
     return run.info.run_id
+
+
+def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """A SQLite store keeps its artifacts beside the database (not in ./mlruns of whatever directory the job ran
+    in); a server decides for itself (`--serve-artifacts`: they travel through it)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts" / experiment).as_uri()
 
 
 @contextmanager
@@ -91,6 +119,47 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step:
     client = MlflowClient(tracking_uri)
     stamp = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), stamp, step) for k, v in metrics.items()])
+
+
+class MetricBuffer:
+    """Per-epoch metrics from a training worker that survive a short outage of the tracking server: a batch that
+    cannot be sent stays queued (in order, with its original step and time) and goes with the next one; `flush`
+    at the end waits for the server up to `patience_s`. Nothing is lost and the job is not killed by a server
+    restart. Each attempt makes one HTTP try (MLflow's own retries would stall training for minutes)."""
+
+    def __init__(self, tracking_uri: str, run_id: str, patience_s: float = 120.0):
+        self.client, self.run_id, self.patience_s = MlflowClient(tracking_uri), run_id, patience_s
+        self.pending: list = []
+        if tracking_uri.startswith(("http://", "https://")):
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+    def log(self, metrics: dict[str, float], step: int) -> bool:
+        """Queue the metrics and try to send everything queued; True when nothing is left pending."""
+        stamp = int(time.time() * 1000)
+        self.pending += [mlflow.entities.Metric(k, float(v), stamp, step) for k, v in metrics.items()]
+        return self._send()
+
+    def _send(self) -> bool:
+        while self.pending:
+            batch = self.pending[:1000]
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as err:  # noqa: BLE001 -- any failure to reach the server: keep the metrics, go on
+                log.warning("MLflow tracking server unreachable (%s); %d metric values queued for the next try",
+                            type(err).__name__, len(self.pending))
+                return False
+            del self.pending[:len(batch)]
+        return True
+
+    def flush(self) -> None:
+        """Send what is queued, retrying until patience_s; then fail loudly rather than drop metrics."""
+        deadline = time.monotonic() + self.patience_s
+        while not self._send():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the MLflow server stayed unreachable for {self.patience_s:.0f} s; "
+                                   f"{len(self.pending)} metric values of run {self.run_id} were not logged")
+            time.sleep(2.0)
 
 
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:

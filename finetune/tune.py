@@ -27,6 +27,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from camae import storage
 from camae.config import (
     ConfigError,
     EvaluateConfig,
@@ -105,33 +106,6 @@ def validate_space(base: dict, space: dict) -> None:
                 trial_config(base, {key: value})
             except ConfigError as err:
                 raise ConfigError(f"sweep.search_space.{key} = {value!r}: {err}") from err
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# One trial (runs in a Tune trial actor)
-
-
-def train_driver_fn(config: dict, context: dict) -> None:
-    """Tune function trainable: build this trial's config (`config["params"]`, the sampled keys, over the sweep's
-    `context`), run the fine-tuning job, report every epoch to Tune through TuneReportCallback (the Ray Train V2
-    pattern)."""
-    import ray.data
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from finetune.train import run_finetune
-
-    ray.data.DataContext.get_current().enable_progress_bars = False  # Tune's trial table reports progress
-    trial_id = ray.tune.get_context().get_trial_id()
-    cfg = trial_config(context["base"], config["params"])
-    cfg.run.name = f"trial_{trial_id}"
-    cfg.run.output_dir = context["trials_dir"]
-    cfg.run.num_workers = max(1, cfg.run.num_workers)  # local mode bypasses Train callbacks: Tune would see nothing
-    cfg.tracking.run_name = f"{context['sweep']}-{trial_id}"
-    cfg.tracking.tracking_uri, cfg.tracking.experiment = context["tracking_uri"], context["experiment"]
-    tags = {"camae.sweep": context["sweep"], "camae.trial": trial_id,
-            **{f"camae.param.{k}": json.dumps(v) for k, v in config["params"].items()}}
-    run_finetune(cfg, parent_run_id=context["parent_run_id"], callbacks=[TuneReportCallback()], tags=tags)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,19 +197,22 @@ def run_baseline(sweep: SweepConfig, base: FinetuneConfig, out: Path, uri: str, 
     return rows
 
 
-def trial_rows(trials_dir: Path, results) -> list[dict]:
-    """One row per trial: its sampled parameters and the test metrics of its best checkpoint (finished trials), or
-    its last reported metrics (stopped early by the scheduler)."""
+def trial_rows(trials_storage: str, results) -> list[dict]:
+    """One row per trial: its sampled parameters and the test metrics of its best checkpoint (finished trials,
+    from the summary each trial left in the sweep's storage, whichever node ran it), or its last reported metrics
+    (stopped early by the scheduler)."""
     rows = []
     for result in results:
         metrics, params = result.metrics or {}, (result.config or {}).get("params", {})
-        run_dir = trials_dir / f"trial_{metrics.get('trial_id', 'unreported')}"
-        row = {"run": run_dir.name, "kind": "finetune", "correction": "", "mode": params.get("train.mode", ""),
+        name = f"trial_{metrics.get('trial_id', 'unreported')}"
+        summary_file = storage.join(trials_storage, name, "summary.json")
+        row = {"run": name, "kind": "finetune", "correction": "", "mode": params.get("train.mode", ""),
                **{f"param/{k}": v for k, v in params.items()}}
-        if (run_dir / "summary.json").is_file():
-            summary = json.loads((run_dir / "summary.json").read_text())
+        if storage.exists(summary_file):
+            summary = json.loads(storage.read_text(summary_file))
             row |= {k: v for k, v in summary.items() if "/" in k}
-            row |= {"run_id": summary["run_id"], "export": str(run_dir / "export"), "finished": True}
+            row |= {"run_id": summary["run_id"], "export": summary.get("export_uri", summary["export"]),
+                    "finished": True}
         else:
             row |= {k: v for k, v in metrics.items() if k.startswith(("val/", "train/"))} | {"finished": False}
         rows.append(row)
@@ -244,12 +221,11 @@ def trial_rows(trials_dir: Path, results) -> list[dict]:
 
 def run_sweep(sweep: SweepConfig, restart: bool = False) -> dict:
     """The whole sweep; returns a summary with the comparison table, the best trial and the baseline."""
-    import ray
     from ray import tune
 
+    from camae.cluster import check_cpus, check_outputs, connect
     from camae.data import prepare_dataset, split_fingerprint
     from camae.tracking import end_run, flatten, log_metrics, resolve_tracking_uri, start_run
-    from finetune.train import check_cpus
 
     base_dict, base = resolve(sweep)
     validate_space(base_dict, sweep.sweep.search_space)
@@ -264,11 +240,13 @@ def run_sweep(sweep: SweepConfig, restart: bool = False) -> dict:
         raise ConfigError(f"{out} holds a sweep with another config; rerun with --restart to start over, or set "
                           "name to a new sweep")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # reports block this long (local clusters)
-    ray.init(ignore_reinit_error=True, log_to_driver=True)
-    check_cpus(base)
+    connect()
+    check_cpus(max(1, base.run.num_workers), base.run.cpus_per_worker)
+    uri = resolve_tracking_uri(base.tracking.tracking_uri, Path(base.run.output_dir).resolve())
+    stored = sweep_storage(sweep, base, out)
+    check_outputs(stored, uri)
     table, _ = prepare_dataset(base.data, base.synth, out)
     split = split_fingerprint(table)
-    uri = resolve_tracking_uri(base.tracking.tracking_uri, Path(base.run.output_dir).resolve())
     experiment = sweep.experiment or base.tracking.experiment
     if "parent_run_id" not in state:
         state = {"resolved": resolved, "parent_run_id": start_run(
@@ -278,12 +256,12 @@ def run_sweep(sweep: SweepConfig, restart: bool = False) -> dict:
     parent = state["parent_run_id"]
     try:
         rows = run_baseline(sweep, base, out, uri, experiment, split, parent) if sweep.baseline.enabled else []
-        grid = _tune(sweep, base, base_dict, out, {"tracking_uri": uri, "experiment": experiment,
-                                                   "parent_run_id": parent})
-        if _interrupted(out / "tune", tune):
+        grid = _tune(sweep, base, base_dict, stored, {"tracking_uri": uri, "experiment": experiment,
+                                                      "parent_run_id": parent, "trials_dir": str(out / "trials")})
+        if _interrupted(storage.join(stored, "tune"), tune):
             print(f"[camae] sweep interrupted; rerun the same command to resume it ({out})", flush=True)
             return {"interrupted": True, "output": str(out)}
-        rows += trial_rows(out / "trials", grid)
+        rows += trial_rows(storage.join(stored, "trials"), grid)
         summary = summarize(sweep, rows, out, uri, parent)
     except BaseException as err:
         if not isinstance(err, KeyboardInterrupt):
@@ -295,19 +273,26 @@ def run_sweep(sweep: SweepConfig, restart: bool = False) -> dict:
     return summary
 
 
-def _tune(sweep: SweepConfig, base: FinetuneConfig, base_dict: dict, out: Path, tracking: dict):
+def sweep_storage(sweep: SweepConfig, base: FinetuneConfig, out: Path) -> str:
+    """Where the sweep's state (Tune's experiment) and its trials' checkpoints, summaries and exports go: the base
+    config's run.storage_path/<sweep name> (a URI or a path every node reads, on a cluster), else the sweep's
+    output directory."""
+    return storage.join(base.run.storage_path, sweep.name) if base.run.storage_path else str(out)
+
+
+def _tune(sweep: SweepConfig, base: FinetuneConfig, base_dict: dict, stored: str, tracking: dict):
     """Run the Tuner, or restore and finish an earlier one; returns its ResultGrid."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     s = sweep.sweep
-    trainable = _trainable(tune, {"base": base_dict, "trials_dir": str(out / "trials"), "sweep": sweep.name,
-                                  **tracking})
-    path = out / "tune"
-    if tune.Tuner.can_restore(str(path)):
+    trainable = _trainable(tune, {"base": base_dict, "trials_storage": storage.join(stored, "trials"),
+                                  "sweep": sweep.name, **tracking})
+    path = storage.join(stored, "tune")
+    if tune.Tuner.can_restore(path):
         print(f"[camae] resuming the sweep in {path}: finished trials are kept", flush=True)
-        return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True).fit()
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True).fit()
     # max_t one past the last epoch: at max_t ASHA stops a trial, which would kill it before it tests and exports
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=base.train.epochs + 1,
                                grace_period=sweep.sweep.scheduler.grace_period,
@@ -320,7 +305,8 @@ def _tune(sweep: SweepConfig, base: FinetuneConfig, base_dict: dict, out: Path, 
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=scheduler,
                                     search_alg=BasicVariantGenerator(max_concurrent=concurrency(sweep, base),
                                                                      random_state=s.seed)),
-        run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=1),
+        run_config=tune.RunConfig(name="tune", storage_path=storage.ray_storage(stored)[0],
+                                  storage_filesystem=storage.ray_storage(stored)[1], verbose=1),
     )
     return tuner.fit()
 
@@ -329,14 +315,16 @@ def _trainable(tune, context: dict):
     """The trial function with the sweep's fixed context (kept out of the search space, so Tune's trial table
     shows only searched keys). The trial driver only waits on its Train workers: it takes no CPU (Tune refuses an
     empty request, so it asks for 100 MB of memory instead), leaving the CPUs to the workers and Ray Data."""
+    from finetune.trial import train_driver_fn
+
     return tune.with_resources(tune.with_parameters(train_driver_fn, context=context),
                                {"CPU": 0, "memory": 100 * 2**20})
 
 
-def _interrupted(path: Path, tune) -> bool:
+def _interrupted(path: str, tune) -> bool:
     """Whether Ctrl+C cut the sweep short. The ResultGrid cannot tell (Tune's teardown marks the trials it stops
     TERMINATED); the saved experiment state, written before that teardown, can."""
-    saved = tune.Tuner.restore(str(path), trainable=_trainable(tune, {})).get_results()
+    saved = tune.Tuner.restore(path, trainable=_trainable(tune, {})).get_results()
     return saved.num_terminated + saved.num_errors < len(saved)
 
 
@@ -388,7 +376,10 @@ def summarize(sweep: SweepConfig, rows: list[dict], out: Path, uri: str, parent:
             if (out / name).is_file():
                 mlflow.log_artifact(str(out / name))
         if "best_export" in summary:
-            mlflow.log_artifacts(summary["best_export"], "best_export")
+            export = summary["best_export"]
+            if storage.is_uri(export):
+                export = str(storage.download(export, out / "best_export"))
+            mlflow.log_artifacts(export, "best_export")
     print("\n" + table, flush=True)
     return summary
 
@@ -404,10 +395,10 @@ def main(argv: list[str] | None = None) -> int:
         sweep = load_config(SweepConfig, args.config, args.set)
         base_dict, _ = resolve(sweep)
         validate_space(base_dict, sweep.sweep.search_space)
-    except ValueError as err:
+        summary = run_sweep(sweep, restart=args.restart)
+    except ConfigError as err:  # the config, or what the cluster, storage or tracking server refused up front
         print(f"sweep: error: {err}", file=sys.stderr)
         return 2
-    summary = run_sweep(sweep, restart=args.restart)
     if summary.get("interrupted"):
         return 130
     print(json.dumps({k: v for k, v in summary.items()}, indent=2, default=str))

@@ -43,7 +43,8 @@ def _history(summary: dict, key: str) -> list[float]:
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "lora", "linear"])
 def test_mode_learns_tracks_and_exports(ray_session, tmp_path, data_root, mode):
-    from finetune.train import build_model, run_finetune
+    from finetune.train import run_finetune
+    from finetune.worker import build_model
 
     log_model = mode == "full"  # tracing the MLflow model costs time: once is enough
     cfg = config(tmp_path, data_root, f"train.mode={mode}", "train.epochs=6", f"run.name={mode}",
@@ -98,18 +99,21 @@ def test_killed_worker_resumes_without_repeating_epochs(ray_session, tmp_path, d
     cfg = config(tmp_path, data_root, "train.epochs=3", "run.num_workers=1", "run.max_failures=1",
                  "run.fault_injection_epoch=1", "run.name=resume", "train.mode=linear")
     summary = run_finetune(cfg)
-    assert (tmp_path / "resume" / "fault_injected").is_file()  # the worker really was killed after epoch 1
+    assert (tmp_path / "ray" / "resume" / "fault_injected").is_file()  # the worker really was killed after epoch 1
     client = MlflowClient(summary["tracking_uri"])
     epochs = sorted(m.step for m in client.get_metric_history(summary["run_id"], "train/loss"))
     assert epochs == [0, 1, 2]  # epoch 2 ran once, after the restart; 0 and 1 were not repeated
     assert summary["best_epoch"] in (0, 1, 2) and "test/accuracy" in summary
 
 
-def test_too_many_cpus_for_training_is_refused(ray_session, tmp_path, data_root):
-    from finetune.train import check_cpus
+def test_too_many_cpus_for_training_is_refused_in_one_line(ray_session, tmp_path, data_root, capsys):
+    from camae.cli import main
 
-    with pytest.raises(ValueError, match="Ray Data needs at least one CPU"):
-        check_cpus(config(tmp_path, data_root, "run.num_workers=2", "run.cpus_per_worker=1"))
+    assert main(["finetune", "--config", str(QUICKSTART), "--set", f"run.output_dir={tmp_path}", "--set",
+                 f"data.root={data_root}", "--set", "run.num_workers=2", "--set", "run.cpus_per_worker=1"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (earlier lines: Ray's start-up logging)
+    assert last.startswith("finetune: error: run.num_workers x run.cpus_per_worker = 2 CPUs, but the Ray cluster "
+                           "has 2") and last.endswith("`ray start --num-cpus N`)")
 
 
 def test_cli_reports_config_errors(capsys):
@@ -184,7 +188,7 @@ def test_ray_job_submit_against_a_local_head(tmp_path):
 
 def test_export_of_lora_merges_adapters(tmp_path):
     """A LoRA model merged and exported predicts like the adapted model (no training needed)."""
-    from finetune.train import build_model
+    from finetune.worker import build_model
 
     cfg = config(tmp_path, tmp_path / "none", "train.mode=lora")
     torch.manual_seed(0)
@@ -205,7 +209,7 @@ def test_export_of_lora_merges_adapters(tmp_path):
 
 def test_full_mode_decays_the_learning_rate_by_layer(tmp_path):
     """timm's layer decay through the classifier's group_matcher: head 1, block i scale**(depth - i), stem last."""
-    from finetune.train import build_model, build_optimizer
+    from finetune.worker import build_model, build_optimizer
 
     cfg = config(tmp_path, tmp_path / "none", "train.mode=full", "train.layer_decay=0.5", "model.depth=3")
     model, _ = build_model(cfg, 3)
@@ -219,7 +223,7 @@ def test_full_mode_decays_the_learning_rate_by_layer(tmp_path):
 
 
 def test_lora_mode_trains_only_adapters_and_head(tmp_path):
-    from finetune.train import build_model
+    from finetune.worker import build_model
 
     cfg = config(tmp_path, tmp_path / "none", "train.mode=lora", "train.lora.targets=[in_proj, patch_embed]")
     model, _ = build_model(cfg, 3)

@@ -1,0 +1,57 @@
+"""Ray at the edges: joining the cluster and the checks every job makes before any worker starts.
+
+A job started by `ray job submit` (or with $RAY_ADDRESS set) joins that cluster; otherwise a local one starts.
+Before training, the driver checks what a multi-node cluster breaks silently: CPUs left for Ray Data, a storage
+location every node can read (camae.storage.check_shared) and an MLflow store every node can reach.
+"""
+
+from __future__ import annotations
+
+import os
+
+from camae.config import ConfigError
+
+
+def connect() -> None:
+    """Join the cluster named by $RAY_ADDRESS (set by `ray job submit`), else start a local one."""
+    import ray
+
+    ray.init(ignore_reinit_error=True, log_to_driver=True)
+
+
+def alive_nodes() -> list[dict]:
+    import ray
+
+    return [n for n in ray.nodes() if n["Alive"]]
+
+
+def check_cpus(workers: int, cpus_per_worker: float, key: str = "run") -> None:
+    """Ray Data needs CPUs of its own: if training workers take them all, fit() hangs without an error."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    taken = workers * cpus_per_worker
+    if taken >= total:
+        raise ConfigError(f"{key}.num_workers x {key}.cpus_per_worker = {taken:g} CPUs, but the Ray cluster has "
+                          f"{total:g}: Ray Data needs at least one CPU left to decode images; lower them (or start "
+                          "the nodes with more logical CPUs, `ray start --num-cpus N`)")
+
+
+def check_outputs(storage_path: str, tracking_uri: str, storage_key: str = "run.storage_path") -> None:
+    """On a multi-node cluster, the job's storage and (a SQLite) MLflow store must be visible from every node; an
+    MLflow server must answer (on any cluster)."""
+    from camae import storage
+    from camae.tracking import check_tracking
+
+    check_tracking(tracking_uri)
+    if len(alive_nodes()) < 2 and not storage.is_uri(storage_path):
+        return  # one node: a local path is shared by definition (object stores are still checked below)
+    storage.check_shared(storage_path, storage_key)
+    if tracking_uri.startswith("sqlite:///") and len(alive_nodes()) > 1:
+        db_dir = os.path.dirname(tracking_uri.removeprefix("sqlite:///"))
+        try:
+            storage.check_shared(db_dir, "tracking.tracking_uri")
+        except ConfigError as err:
+            raise ConfigError(f"tracking.tracking_uri={tracking_uri} is a SQLite file that workers on other nodes "
+                              "cannot reach; start an MLflow server (`mlflow server --serve-artifacts ...`) and set "
+                              "tracking.tracking_uri=http://HOST:PORT") from err

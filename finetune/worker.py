@@ -1,0 +1,262 @@
+"""What every Ray Train worker of the fine-tuning job runs: the model, optimizer and schedule (plain torch, timm and
+peft), one epoch, evaluation, and `train_fn_per_worker` itself.
+
+This module is imported by the driver (`finetune.train`), never run as `__main__`: Ray pickles functions of an
+importable module by reference, while a `python -m` entry module's functions go by value with all their globals
+(seen: `cannot pickle 'CudnnModule'`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from camae.classifier import MAEClassifier, base_model
+from camae.config import FinetuneConfig, from_dict
+from camae.model import MAEModel
+
+log = logging.getLogger("camae.finetune")
+
+LORA_TARGETS = {"in_proj": r"blocks\.\d+\.in_proj", "attn_out_proj": r"blocks\.\d+\.attn_out_proj",
+                "mlp_out_proj": r"blocks\.\d+\.mlp_out_proj", "patch_embed": r"patch_embed\.proj"}
+CKPT_STATE, CKPT_METRICS = "state.pt", "metrics.json"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model, optimizer and schedule (plain torch/timm/peft; run in every worker)
+
+
+def build_model(cfg: FinetuneConfig, num_classes: int) -> tuple[torch.nn.Module, MAEModel]:
+    """The trainable model for cfg.train.mode, and the base model it started from (for the export)."""
+    base = base_model(cfg.model)
+    model = MAEClassifier.from_mae(base, num_classes, cfg.model.pool, cfg.model.head_dropout, cfg.model.head_norm)
+    model.encoder.set_drop_path(0.0 if cfg.train.mode == "linear" else cfg.model.drop_path_rate)
+    model.encoder.grad_checkpointing = cfg.model.grad_checkpointing
+    # The classifier pools block outputs itself (as `predict` does): the encoder's fc_norm is outside its graph.
+    # Left trainable, DDP waits for its gradients forever ("parameters that were not used in producing loss").
+    model.encoder.fc_norm.requires_grad_(False)
+    if cfg.train.mode == "linear":
+        model.encoder.requires_grad_(False)
+    elif cfg.train.mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = cfg.train.lora
+        targets = r"encoder\.(" + "|".join(LORA_TARGETS[t] for t in lora.targets) + ")"
+        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=targets, modules_to_save=["head", "head_norm"]))
+    return model, base
+
+
+def build_optimizer(model: torch.nn.Module, cfg: FinetuneConfig, steps_per_epoch: int):
+    """timm's AdamW (no decay on biases, norms, tokens; layer-wise LR decay in mode=full) and its warmup +
+    cosine schedule, stepped per optimizer update."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+
+    t = cfg.train
+    layer_decay = t.layer_decay if t.mode == "full" and t.layer_decay < 1 else None
+    optimizer = create_optimizer_v2(model, "adamw", lr=t.lr, weight_decay=t.weight_decay, layer_decay=layer_decay)
+    total = max(1, t.epochs * steps_per_epoch)
+    warmup = min(int(t.warmup_epochs * steps_per_epoch), total - 1)
+    scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=t.min_lr, warmup_t=warmup,
+                                  warmup_lr_init=t.lr * 0.01, t_in_epochs=False)
+    return optimizer, scheduler
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under DDP."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def autocast(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def run_epoch(model, batches, optimizer, scheduler, cfg: FinetuneConfig, device, step: int):
+    """One pass over the training shard; returns (mean loss, images, seconds, optimizer steps done so far)."""
+    model.train()
+    if cfg.train.mode == "linear":
+        unwrap(model).encoder.eval()  # frozen: no dropout or stochastic depth
+    t, accumulate = cfg.train, cfg.train.accumulate
+    total_loss, images, micro, start = 0.0, 0, 0, time.perf_counter()
+    for batch in batches:
+        x, y = batch["image"].to(device, non_blocking=True), batch["label_index"].to(device, non_blocking=True)
+        with autocast(device, t.precision):
+            loss = F.cross_entropy(model(x).float(), y)
+        (loss / accumulate).backward()
+        micro += 1
+        if micro % accumulate == 0:
+            step = _optimizer_step(model, optimizer, scheduler, t.grad_clip, step)
+        total_loss, images = total_loss + loss.item() * len(y), images + len(y)
+    if micro % accumulate:
+        step = _optimizer_step(model, optimizer, scheduler, t.grad_clip, step)
+    return total_loss / max(images, 1), images, time.perf_counter() - start, step
+
+
+def _optimizer_step(model, optimizer, scheduler, grad_clip, step: int) -> int:
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step_update(step + 1)
+    return step + 1
+
+
+@torch.no_grad()
+def predict(model, batches, device, precision: str = "auto") -> tuple[np.ndarray, np.ndarray, float]:
+    """(true labels, predicted labels, mean cross-entropy) over batches of {"image", "label_index"}."""
+    model.eval()
+    ys, preds, loss, n = [], [], 0.0, 0
+    for batch in batches:
+        x, y = batch["image"].to(device), batch["label_index"].to(device)
+        with autocast(device, precision):
+            logits = model(x).float()
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        n += len(y)
+        ys.append(y.cpu().numpy())
+        preds.append(logits.argmax(1).cpu().numpy())
+    if n == 0:
+        raise RuntimeError("the evaluation split produced no images; check data.val_groups / the split")
+    return np.concatenate(ys), np.concatenate(preds), loss / n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Ray Train worker
+
+
+def train_fn_per_worker(config: dict) -> None:
+    """Runs in every Ray Train worker: build, resume, train, validate (rank 0), report and checkpoint per epoch.
+    `config`: the resolved FinetuneConfig as a dict ("cfg"), label names, the MLflow run (rank 0 logs into it,
+    each rank tags it with its node), steps per epoch, the driver's run_dir (in-process runs only) and the job's
+    state location in shared storage (the fault-injection marker)."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from camae.metrics import classification_metrics
+    from camae.tracking import MetricBuffer
+
+    cfg = from_dict(FinetuneConfig, config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    in_process = cfg.run.num_workers == 0
+    torch.manual_seed(cfg.train.seed)
+    device = ray.train.torch.get_device() if world > 1 or cfg.run.use_gpu else torch.device("cpu")
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed-shape crops: let cuDNN pick its fastest convs
+    model, _ = build_model(cfg, len(config["labels"]))
+    optimizer, scheduler = build_optimizer(model, cfg, config["steps_per_epoch"])
+    start_epoch, step = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / CKPT_STATE, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, step = state["epoch"] + 1, state["step"]
+        if rank == 0:
+            log.info("resuming from the checkpoint of epoch %d (%d workers)", state["epoch"], world)
+    _tag_placement(config, rank, world, start_epoch)
+    model = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    tracker = MetricBuffer(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    for epoch in range(start_epoch, cfg.train.epochs):
+        if rank == 0:
+            _maybe_inject_fault(cfg, epoch, config["state_dir"])
+        batches = train_shard.iter_torch_batches(batch_size=cfg.train.batch_size, local_shuffle_buffer_size=
+                                                 4 * cfg.train.batch_size, local_shuffle_seed=cfg.train.seed + epoch)
+        loss, images, seconds, step = run_epoch(model, batches, optimizer, scheduler, cfg, device, step)
+        metrics = {"epoch": epoch, "train/loss": loss, "train/images_per_s": images * world / seconds,
+                   "lr": optimizer.param_groups[-1]["lr"], "workers": world}
+        if rank == 0:
+            y, pred, val_loss = predict(unwrap(model), val_shard.iter_torch_batches(
+                batch_size=cfg.train.batch_size), device, cfg.train.precision)
+            metrics |= {"val/loss": val_loss, **classification_metrics(y, pred, "val")}
+        ckpt_dir = None
+        if rank == 0:  # in-process runs keep checkpoints under run_dir, since no Ray storage copies them
+            base = Path(config["run_dir"]) / "checkpoints" if in_process else Path(tempfile.mkdtemp())
+            ckpt_dir = _write_checkpoint(base, unwrap(model), optimizer, scheduler, epoch, step, metrics,
+                                         config["labels"])
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
+        if rank == 0:
+            tracker.log(metrics, step=epoch)  # after the report: a logged epoch is a committed one
+            print(f"[camae] epoch {epoch + 1}/{cfg.train.epochs}  train/loss {loss:.4f}  val/loss {val_loss:.4f}  "
+                  f"val/accuracy {metrics['val/accuracy']:.3f}  {metrics['train/images_per_s']:.1f} img/s",
+                  flush=True)
+            if in_process:
+                prune_local_checkpoints(cfg, Path(config["run_dir"]))
+            else:
+                shutil.rmtree(Path(ckpt_dir).parent, ignore_errors=True)  # persisted by Ray Train: drop the copy
+    if tracker is not None:
+        tracker.flush()
+
+
+def _tag_placement(config: dict, rank: int, world: int, start_epoch: int) -> None:
+    """Each rank records its node on the MLflow run (`camae.node.rank<r>`, per attempt of the worker group, so a
+    restart on other nodes shows too)."""
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    node = ray.get_runtime_context().get_node_id()
+    MlflowClient(config["tracking_uri"]).set_tag(config["run_id"], f"camae.node.rank{rank}", node)
+    if rank == 0:
+        MlflowClient(config["tracking_uri"]).set_tag(config["run_id"], f"camae.workers.from_epoch{start_epoch}",
+                                                     str(world))
+
+
+def _write_checkpoint(base: Path, model, optimizer, scheduler, epoch: int, step: int, metrics: dict,
+                      labels: list[str]) -> str:
+    """A checkpoint directory under `base`: weights (adapters included), optimizer, schedule, epoch, metrics,
+    label names."""
+    path = base / f"epoch_{epoch:04d}"
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch, "step": step}, path / CKPT_STATE)
+    (path / CKPT_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+    (path / "labels.json").write_text(json.dumps({"names": labels}) + "\n")
+    return str(path)
+
+
+def _maybe_inject_fault(cfg: FinetuneConfig, epoch: int, state_dir: str) -> None:
+    """Testing recovery: once, kill this worker during the epoch after run.fault_injection_epoch, after waiting
+    out two controller polls so that epoch's checkpoint is committed (a report not yet collected by the
+    controller is lost with its worker, and its epoch is rightly run again). The once-marker lives in the job's
+    shared storage: the restarted rank 0 may be on another node."""
+    from camae import storage
+
+    marker = storage.join(state_dir, "fault_injected")
+    if cfg.run.fault_injection_epoch is None or epoch != cfg.run.fault_injection_epoch + 1 or storage.exists(marker):
+        return
+    time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)))
+    storage.write_text(marker, f"killed during epoch {epoch}\n")
+    log.warning("fault injection: killing this worker during epoch %d", epoch)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def rank_local_checkpoints(cfg: FinetuneConfig, run_dir: Path) -> list[Path]:
+    """In-process checkpoints under run_dir/checkpoints, best cfg.run.checkpoint_metric first."""
+    sign = 1 if cfg.run.checkpoint_mode == "max" else -1
+    score = lambda d: sign * json.loads((d / CKPT_METRICS).read_text())[cfg.run.checkpoint_metric]  # noqa: E731
+    return sorted((run_dir / "checkpoints").glob("epoch_*"), key=score, reverse=True)
+
+
+def prune_local_checkpoints(cfg: FinetuneConfig, run_dir: Path) -> None:
+    """Keep the best run.keep_checkpoints and the latest (to resume from); Ray does this for its own storage."""
+    ranked = rank_local_checkpoints(cfg, run_dir)
+    keep = set(ranked[:cfg.run.keep_checkpoints]) | {max(ranked)}
+    for d in ranked:
+        if d not in keep:
+            shutil.rmtree(d, ignore_errors=True)
