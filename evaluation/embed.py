@@ -4,7 +4,7 @@ Parquet files of `embed.sites_per_file` sites as they complete.
 
     camae embed --config configs/evaluate/quickstart.yaml [--set embed.checkpoint=DIR ...]
 
-Output directory:
+Output directory (a local path, or a URI such as s3://bucket/embeddings: camae.storage):
     embed.json           what was embedded (encoder, channels, crops); a rerun with other settings is refused
     part-00000.parquet   metadata columns + `embedding` (float32 [D]) [+ `embedding_channelwise` [C*D]]
     ...                  [+ `embedding_blocks` [depth*D]]; a rerun skips finished files (resumable per file)
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from camae import storage
 from camae.config import DataConfig, EmbedConfig
 
 log = logging.getLogger("camae.embed")
@@ -54,9 +56,14 @@ class Embedder:
         self.model = model.to(self.device).eval()
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and use_gpu)
 
+        import ray
+
+        self.node = ray.get_runtime_context().get_node_id()
+
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {k: batch[k] for k in ("sample_id", "tile", "n_tiles")}
+        out["node"] = np.full(len(batch["sample_id"]), self.node)  # where it ran (not written to the files)
         x = torch.from_numpy(batch["image"])
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             blocks = self.model.forward_intermediates(x) if self.cfg.blocks else [self.model.forward_features(x)]
@@ -84,6 +91,8 @@ class EmbedResult:
     skipped: int
     seconds: float
     crops_per_s: float
+    nodes: int = 0
+    """Ray nodes whose actors embedded crops in this pass."""
 
 
 def fingerprint(cfg: EmbedConfig, data: DataConfig, channels: list[str]) -> dict:
@@ -106,13 +115,13 @@ def plan_files(table: pd.DataFrame, sites_per_file: int) -> pd.DataFrame:
 
 def embed_table(table: pd.DataFrame, data: DataConfig, cfg: EmbedConfig, out: str | Path,
                 channels: list[str] | None = None) -> EmbedResult:
-    """Embed every site of `table` (read_table's columns) into Parquet files under `out`, skipping files a
-    previous pass finished. `channels` picks a subset of data.channels (channel leave-one-out)."""
+    """Embed every site of `table` (read_table's columns) into Parquet files under `out` (a path or URI),
+    skipping files a previous pass finished. `channels` picks a subset of data.channels (channel leave-one-out)."""
     import ray
 
     from camae.data import build_dataset, skipped_report
 
-    out = Path(out)
+    out = storage.resolve(out)
     channels = list(channels or data.channels)
     unknown = [c for c in channels if c not in data.channels]
     if unknown:
@@ -121,13 +130,13 @@ def embed_table(table: pd.DataFrame, data: DataConfig, cfg: EmbedConfig, out: st
     stamp = fingerprint(cfg, data, channels)
     _check_or_write_stamp(out, stamp)
     plan = plan_files(table, cfg.sites_per_file)
-    done = {f for f in plan["file"].unique() if (out / f).is_file()}
+    done = set(plan["file"].unique()) & set(storage.listdir(out))
     todo = plan[~plan["file"].isin(done)]
     start = time.perf_counter()
     if done:
         log.info("%s: %d of %d files already written; embedding the other %d", out, len(done),
                  plan["file"].nunique(), todo["file"].nunique())
-    crops = 0
+    crops, nodes = 0, set()
     if len(todo):
         use_gpu = _use_gpu(cfg)
         actors = cfg.actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if use_gpu else 1)
@@ -135,16 +144,16 @@ def embed_table(table: pd.DataFrame, data: DataConfig, cfg: EmbedConfig, out: st
         if data.image_column is None:
             todo = todo.drop(columns=[c for c in todo.columns if c.startswith("path_") and
                                       c.removeprefix("path_") not in channels])
-        ds = build_dataset(todo.drop(columns="file"), data, train=False, skip_log=str(out / "skipped"))
+        ds = build_dataset(todo.drop(columns="file"), data, train=False, skip_log=storage.join(out, "skipped"))
         ds = ds.map_batches(Embedder, fn_constructor_kwargs={"cfg": cfg, "use_gpu": use_gpu, "threads": threads},
                             batch_size=cfg.batch_size, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=actors),
                             num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)
-        crops = _write_as_completed(ds.iter_batches(batch_size=None, batch_format="numpy"), todo, out)
-    skipped = len(skipped_report(out / "skipped")) if (out / "skipped").is_dir() else 0
+        crops = _write_as_completed(ds.iter_batches(batch_size=None, batch_format="numpy"), todo, out, nodes)
+    skipped = len(skipped_report(storage.join(out, "skipped")))
     seconds = time.perf_counter() - start
-    return EmbedResult(str(out), plan["file"].nunique(), todo["file"].nunique(), len(plan), skipped,
-                       round(seconds, 2), round(crops / seconds, 2) if crops else 0.0)
+    return EmbedResult(out, plan["file"].nunique(), todo["file"].nunique(), len(plan), skipped,
+                       round(seconds, 2), round(crops / seconds, 2) if crops else 0.0, len(nodes))
 
 
 def _use_gpu(cfg: EmbedConfig) -> bool:
@@ -156,43 +165,44 @@ def _use_gpu(cfg: EmbedConfig) -> bool:
     return cfg.use_gpu == "yes" or (cfg.use_gpu == "auto" and has)
 
 
-def _check_or_write_stamp(out: Path, stamp: dict) -> None:
-    path = out / "embed.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
+def _check_or_write_stamp(out: str, stamp: dict) -> None:
+    path = storage.join(out, "embed.json")
+    if storage.exists(path):
+        old = json.loads(storage.read_text(path))
         if old != stamp:
             diff = sorted(k for k in stamp if old.get(k) != stamp[k])
             raise ValueError(f"{out} holds embeddings made with other settings ({', '.join(diff)} differ); "
                              "delete it or set embed.output to a new directory")
         return
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(stamp, indent=2) + "\n")
+    storage.write_text(path, json.dumps(stamp, indent=2) + "\n")
 
 
-def _write_as_completed(batches, plan: pd.DataFrame, out: Path) -> int:
+def _write_as_completed(batches, plan: pd.DataFrame, out: str, nodes: set) -> int:
     """Collect crop embeddings per site; write each file once all its sites are in (the rest at the end: files
-    with skipped sites). Returns the number of crops seen."""
+    with skipped sites). Returns the number of crops seen; adds the nodes that embedded them to `nodes`."""
     file_of = dict(zip(plan["sample_id"], plan["file"], strict=True))
     waiting = plan.groupby("file")["sample_id"].apply(set).to_dict()  # file -> sites not yet complete
     crops: dict[str, list] = {}  # sample_id -> [(tile, {column: vector})]
     seen = 0
     for batch in batches:
         columns = [c for c in EMBED_COLUMNS if c in batch]
+        nodes.update(np.unique(batch["node"]).tolist())
         for i, sid in enumerate(batch["sample_id"]):
             crops.setdefault(sid, []).append({c: batch[c][i] for c in columns})
             if len(crops[sid]) == batch["n_tiles"][i]:
                 waiting[file_of[sid]].discard(sid)
         seen += len(batch["sample_id"])
         for name in [f for f, left in waiting.items() if not left]:
-            _write_file(plan[plan["file"] == name], crops, out / name)
+            _write_file(plan[plan["file"] == name], crops, storage.join(out, name))
             del waiting[name]
     for name in list(waiting):  # sites skipped by decoding never arrive
-        _write_file(plan[plan["file"] == name], crops, out / name)
+        _write_file(plan[plan["file"] == name], crops, storage.join(out, name))
     return seen
 
 
-def _write_file(rows: pd.DataFrame, crops: dict, path: Path) -> None:
-    """One Parquet file: metadata + the mean over each site's crops; written to a temp name, then renamed."""
+def _write_file(rows: pd.DataFrame, crops: dict, path: str) -> None:
+    """One Parquet file: metadata + the mean over each site's crops; locally written to a temp name, then renamed;
+    to an object store in one upload (readers never see half a file either way)."""
     rows = rows[rows["sample_id"].isin(crops.keys())]
     meta = rows.drop(columns=["file"] + [c for c in rows.columns if c.startswith("path")]).reset_index(drop=True)
     table = pa.Table.from_pandas(meta, preserve_index=False)
@@ -202,10 +212,14 @@ def _write_file(rows: pd.DataFrame, crops: dict, path: Path) -> None:
             pa.array(values.astype(np.float32).ravel()), values.shape[1]))
     for s in rows["sample_id"]:
         del crops[s]
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    log.info("wrote %s (%d sites)", path.name, len(rows))
+    if storage.is_uri(path):
+        fs, inner = storage.filesystem(path)
+        pq.write_table(table, inner, filesystem=fs)
+    else:
+        tmp = Path(path).with_suffix(".tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    log.info("wrote %s (%d sites)", path, len(rows))
 
 
 def load_embeddings(path: str | Path, column: str = "embedding") -> tuple[pd.DataFrame, np.ndarray]:
@@ -220,10 +234,12 @@ def load_embeddings(path: str | Path, column: str = "embedding") -> tuple[pd.Dat
 def load_embedding_columns(path: str | Path) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """All files of an embedding directory, read once: (metadata, {column: float32 [sites, dim]} for every
     embedding column present)."""
-    files = sorted(Path(path).glob("part-*.parquet"))
+    files = [f for f in storage.listdir(path) if f.startswith("part-") and f.endswith(".parquet")]
     if not files:
         raise FileNotFoundError(f"{path} holds no part-*.parquet files; run `camae embed` first")
-    tables = [t for t in map(pq.read_table, files) if t.num_rows]  # a file whose sites were all skipped is empty
+    fs, inner = storage.filesystem(path)
+    tables = (pq.read_table(posixpath.join(inner, f), filesystem=fs) for f in files)
+    tables = [t for t in tables if t.num_rows]  # a file whose sites were all skipped is empty
     if not tables:
         raise FileNotFoundError(f"{path} holds no embedded sites: every site was skipped (see {path}/skipped)")
     table = pa.concat_tables(tables)

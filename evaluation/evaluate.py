@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from camae.config import EvaluateConfig, job_parser, load_config, save_config, to_dict
+from camae.cluster import connect
+from camae.config import ConfigError, EvaluateConfig, job_parser, load_config, save_config, to_dict
 from evaluation.batch_correction import fit_correction
 from evaluation.biology import plate_predictability, relationship_recall, replicate_map, well_profiles
 from evaluation.embed import embed_table, load_embedding_columns
@@ -36,7 +37,7 @@ log = logging.getLogger("camae.evaluate")
 # Steps (plain functions of arrays and tables)
 
 
-def embed(cfg: EvaluateConfig, table: pd.DataFrame, out: Path, channels: list[str] | None = None,
+def embed(cfg: EvaluateConfig, table: pd.DataFrame, out: str | Path, channels: list[str] | None = None,
           blocks: bool | None = None):
     """Embed (or resume embedding) into `out`; returns (metadata with split, {column: array}, EmbedResult)."""
     ecfg = cfg.embed if blocks is None else replace(cfg.embed, blocks=blocks)
@@ -108,7 +109,6 @@ def block_curve(cfg: EvaluateConfig, meta: pd.DataFrame, blocks: np.ndarray, y: 
 def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None) -> dict:
     """The whole evaluation; returns a summary with the metrics table and the MLflow run ids."""
     import mlflow
-    import ray
 
     from camae.data import prepare_dataset, split_fingerprint
     from camae.tracking import active_run, baseline_key, end_run, flatten, log_metrics, resolve_tracking_uri, start_run
@@ -116,8 +116,8 @@ def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None) -> dict:
     out = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
     table, labels = prepare_dataset(cfg.data, cfg.synth, out)
     save_config(cfg, out / "config.yaml")
-    ray.init(ignore_reinit_error=True, log_to_driver=True)
-    meta, arrays, embedded = embed(cfg, table, Path(cfg.embed.output or out / "embeddings"))
+    connect()
+    meta, arrays, embedded = embed(cfg, table, cfg.embed.output or str(out / "embeddings"))
     y = labels.encode(meta["label"])
     split_id = split_fingerprint(table)
     tags = {"camae.split": split_id, "camae.baseline_key": baseline_key(cfg, split_id),
@@ -127,7 +127,8 @@ def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None) -> dict:
     params = flatten(to_dict(cfg))
     parent = start_run(uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.run.name, params,
                        tags | {"camae.kind": "evaluation"}, parent_run_id=parent_run_id)
-    log_metrics(uri, parent, {"embed/sites": embedded.sites, "embed/skipped_sites": embedded.skipped}, step=0)
+    log_metrics(uri, parent, {"embed/sites": embedded.sites, "embed/skipped_sites": embedded.skipped,
+                              "embed/nodes": embedded.nodes}, step=0)
     if embedded.skipped:
         log.warning("%d sites were skipped (data.on_error=skip); see %s/skipped", embedded.skipped, embedded.output)
     try:
@@ -244,14 +245,12 @@ def leave_one_out(cfg: EvaluateConfig, out: Path, table: pd.DataFrame, meta: pd.
 
 def run_embed(cfg: EvaluateConfig) -> dict:
     """Only the embedding pass (`camae embed`)."""
-    import ray
-
     from camae.data import prepare_dataset
 
     out = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
     table, _ = prepare_dataset(cfg.data, cfg.synth, out)
-    ray.init(ignore_reinit_error=True, log_to_driver=True)
-    return asdict(embed_table(table, cfg.data, cfg.embed, Path(cfg.embed.output or out / "embeddings")))
+    connect()
+    return asdict(embed_table(table, cfg.data, cfg.embed, cfg.embed.output or str(out / "embeddings")))
 
 
 def main(argv: list[str] | None = None, only_embed: bool = False) -> int:
@@ -265,10 +264,14 @@ def main(argv: list[str] | None = None, only_embed: bool = False) -> int:
     except ValueError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
-    if only_embed:
-        print(json.dumps(run_embed(cfg), indent=2))
-        return 0
-    summary = run_evaluate(cfg, parent_run_id=os.environ.get("CAMAE_PARENT_RUN_ID"))
+    try:
+        if only_embed:
+            print(json.dumps(run_embed(cfg), indent=2))
+            return 0
+        summary = run_evaluate(cfg, parent_run_id=os.environ.get("CAMAE_PARENT_RUN_ID"))
+    except ConfigError as err:  # what the cluster, storage or tracking server refused up front
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
     print((Path(cfg.run.output_dir) / cfg.run.name / "metrics.md").read_text())
     print(ui_command(summary["tracking_uri"]))
     return 0

@@ -160,55 +160,77 @@ def best_checkpoint(result, cfg: FinetuneConfig, run_dir: Path) -> Path:
 
 def finish(cfg: FinetuneConfig, result, table, labels, where: JobPlaces, run_id: str) -> dict:
     """Test the best checkpoint on the held-out plates, export it (also to remote storage), log everything to
-    MLflow."""
-    import mlflow
+    MLflow; returns the summary (also written to summary.json, locally and in storage)."""
+    from camae.tracking import end_run, log_metrics
 
-    from camae.data import TRAIN_COLUMNS, build_dataset
-    from camae.metrics import classification_metrics, confusion, per_class_table
-    from camae.plots import plot_confusion
-    from camae.tracking import active_run, end_run, log_metrics
-
-    run_dir, tracking_uri = where.run_dir, where.tracking_uri
-    best = best_checkpoint(result, cfg, run_dir)
+    best = best_checkpoint(result, cfg, where.run_dir)
     best_metrics = json.loads((best / CKPT_METRICS).read_text())
     model, base = build_model(cfg, len(labels))
     model.load_state_dict(torch.load(best / CKPT_STATE, map_location="cpu", weights_only=True)["model"])
-    device = torch.device("cuda" if cfg.run.use_gpu and torch.cuda.is_available() else "cpu")
-    model.to(device)
-    summary = {"run_id": run_id, "tracking_uri": tracking_uri, "best_epoch": best_metrics["epoch"],
+    summary = {"run_id": run_id, "tracking_uri": where.tracking_uri, "best_epoch": best_metrics["epoch"],
                **{k: v for k, v in best_metrics.items() if k.startswith("val/")}}
+    summary |= evaluate_heldout(cfg, model, table, labels, where.run_dir)
+    log_metrics(where.tracking_uri, run_id, {k: v for k, v in summary.items() if "/" in k},
+                step=best_metrics["epoch"])
+    model = export(cfg, model, base, labels, where, summary)
+    log_artifacts(cfg, model, where, run_id, summary)
+    end_run(where.tracking_uri, run_id)
+    return summary
+
+
+def evaluate_heldout(cfg: FinetuneConfig, model, table, labels, run_dir: Path) -> dict:
+    """test/* metrics on the held-out plates, the per-class table and the confusion matrix ({} without them)."""
+    from camae.data import TRAIN_COLUMNS, build_dataset
+    from camae.metrics import classification_metrics, confusion, per_class_table
+    from camae.plots import plot_confusion
+
     test = table[table.split == "test"]
-    if len(test):
-        ds = build_dataset(test, cfg.data, train=False, label_map=labels, columns=TRAIN_COLUMNS)
-        y, pred, loss = predict(model, ds.iter_torch_batches(batch_size=cfg.train.batch_size), device,
-                                cfg.train.precision)
-        summary |= {"test/loss": loss, **classification_metrics(y, pred, "test")}
-        per_class_table(y, pred, list(labels.names)).to_csv(run_dir / "per_class_test.csv", index=False)
-        plot_confusion(confusion(y, pred, len(labels)), list(labels.names), run_dir / "confusion_test.png")
-    log_metrics(tracking_uri, run_id, {k: v for k, v in summary.items() if "/" in k}, step=best_metrics["epoch"])
-    export_dir, adapter_dir = run_dir / "export", run_dir / "adapter"
+    if not len(test):
+        return {}
+    device = torch.device("cuda" if cfg.run.use_gpu and torch.cuda.is_available() else "cpu")
+    ds = build_dataset(test, cfg.data, train=False, label_map=labels, columns=TRAIN_COLUMNS)
+    y, pred, loss = predict(model.to(device), ds.iter_torch_batches(batch_size=cfg.train.batch_size), device,
+                            cfg.train.precision)
+    per_class_table(y, pred, list(labels.names)).to_csv(run_dir / "per_class_test.csv", index=False)
+    plot_confusion(confusion(y, pred, len(labels)), list(labels.names), run_dir / "confusion_test.png")
+    return {"test/loss": loss, **classification_metrics(y, pred, "test")}
+
+
+def export(cfg: FinetuneConfig, model, base, labels, where: JobPlaces, summary: dict):
+    """The official-format export (LoRA merged; the adapter also on its own), uploaded beside the checkpoints when
+    storage is remote; summary.json written locally and to storage. Returns the (merged) model."""
+    export_dir = where.run_dir / "export"
     if cfg.train.mode == "lora":
-        model.save_pretrained(str(adapter_dir))  # the adapter + head on their own (peft format)
+        model.save_pretrained(str(where.run_dir / "adapter"))  # the adapter + head on their own (peft format)
         model = model.merge_and_unload()
     model.cpu().export(base, export_dir, list(labels.names))
-    if storage.is_uri(where.state_dir):  # the export beside the checkpoints, where every node can read it
+    summary["export"] = str(export_dir)
+    if storage.is_uri(where.state_dir):  # where every node (and the sweep's driver) can read it
         summary["export_uri"] = storage.upload(export_dir, storage.join(where.state_dir, "export"))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    storage.write_text(storage.join(where.state_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
-    with active_run(tracking_uri, run_id):
+    text = json.dumps(summary, indent=2) + "\n"
+    (where.run_dir / "summary.json").write_text(text)
+    storage.write_text(storage.join(where.state_dir, "summary.json"), text)
+    return model
+
+
+def log_artifacts(cfg: FinetuneConfig, model, where: JobPlaces, run_id: str, summary: dict) -> None:
+    """The run's files, the export (and adapter) and, with tracking.log_model, the MLflow model."""
+    import mlflow
+
+    from camae.tracking import active_run
+
+    run_dir = where.run_dir
+    with active_run(where.tracking_uri, run_id):
         for name in ("config.yaml", "labels.json", "splits.csv", "summary.json", "per_class_test.csv",
                      "confusion_test.png"):
             if (run_dir / name).is_file():
                 mlflow.log_artifact(str(run_dir / name))
-        mlflow.log_artifacts(str(export_dir), "export")
-        if adapter_dir.is_dir():
-            mlflow.log_artifacts(str(adapter_dir), "adapter")
+        mlflow.log_artifacts(str(run_dir / "export"), "export")
+        if (run_dir / "adapter").is_dir():
+            mlflow.log_artifacts(str(run_dir / "adapter"), "adapter")
         if cfg.tracking.log_model:  # a traced (pt2) model; a batch of 2 keeps the batch size dynamic (1 is static)
             example = np.zeros((2, len(cfg.data.channels), cfg.data.crop_size, cfg.data.crop_size), dtype=np.uint8)
             summary["model_uri"] = mlflow.pytorch.log_model(model.eval(), name="model", input_example=example).model_uri
-    end_run(tracking_uri, run_id)
-    summary["export"] = str(export_dir)
-    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

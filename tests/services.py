@@ -236,15 +236,15 @@ def start_two_node_cluster(head_cpus: int = 4, node2_cpus: int = 3) -> TwoNodeCl
     port, dashboard, client = free_port(), free_port(), free_port()
     args, ports = _node_ports()
     head_temp = tempfile.mkdtemp(prefix="camaeh", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    head = RayNode(head_temp, ["--head", f"--port={port}", f"--num-cpus={head_cpus}", f"--temp-dir={head_temp}",
-                               "--resources", json.dumps({"head_node": 1, "slot": 1}), "--include-dashboard=true",
-                               "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                               f"--ray-client-server-port={client}", *args],
-                   [port, dashboard, client, *ports])
+    head_args = ["--head", "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={head_cpus}",
+                 f"--temp-dir={head_temp}", "--resources", json.dumps({"head_node": 1, "slot": 1}),
+                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                 f"--ray-client-server-port={client}", *args]
+    head = RayNode(head_temp, head_args, [port, dashboard, client, *ports])
     args2, ports2 = _node_ports()
     temp2 = tempfile.mkdtemp(prefix="camae2", dir="/tmp")
-    node2 = RayNode(temp2, [f"--address=127.0.0.1:{port}", f"--num-cpus={node2_cpus}", f"--temp-dir={temp2}",
-                            "--resources", json.dumps({"node2": 1, "slot": 1}), *args2], ports2)
+    node2 = RayNode(temp2, [f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", f"--num-cpus={node2_cpus}",
+                            f"--temp-dir={temp2}", "--resources", json.dumps({"node2": 1, "slot": 1}), *args2], ports2)
     cluster = TwoNodeCluster(head, node2, port, dashboard)
     try:
         head.start()

@@ -1,0 +1,248 @@
+"""Every job on a real two-node Ray cluster, launched as users launch it (`ray job submit --working-dir . -- python
+-m ...`), with checkpoints, exports, sweep state and embeddings in an S3-compatible bucket and metrics on an MLflow
+tracking server (tests/services.py starts all three on 127.0.0.1). Credentials and the endpoint reach the jobs
+only through the runtime env, as on a real cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from services import BUCKET, TrackingServer, free_port, start_object_store, start_two_node_cluster
+
+pytestmark = pytest.mark.slow
+
+TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "data.channels=[nuclei, er, mito]",
+        "synth.effect_size=4", "synth.classes=2", "synth.wells_per_plate=20", "train.batch_size=8",
+        "data.decode_batch_size=8", "tracking.log_model=false"]
+EXPERIMENT = "camae-cluster"
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster")
+    store = start_object_store(root)
+    server = TrackingServer(free_port(), root).start()
+    cluster = start_two_node_cluster()
+    try:
+        yield {"cluster": cluster, "store": store, "server": server, "root": root}
+    finally:
+        cluster.stop()
+        server.stop()
+        store.stop()
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
+def _finetune_args(s: dict, name: str, *extra: str) -> list[str]:
+    root = s["root"]
+    return ["python", "-m", "finetune.train", "--config", "configs/finetune/quickstart.yaml", *_sets([
+        *TINY, f"data.root={root / 'plates'}", f"run.output_dir={root / 'out'}", f"run.name={name}",
+        "run.num_workers=2", "run.placement_strategy=STRICT_SPREAD", f"run.storage_path=s3://{BUCKET}/runs",
+        f"tracking.tracking_uri={s['server'].uri}", f"tracking.experiment={EXPERIMENT}", *extra])]
+
+
+def _runtime_env(s: dict) -> dict:
+    return {"env_vars": {**s["store"].env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}}
+
+
+def _run(s: dict, name: str):
+    client = MlflowClient(s["server"].uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id], f"attributes.run_name = '{name}'")
+    assert len(runs) == 1, f"{len(runs)} MLflow runs named {name}"  # one run, also across restarts
+    return client, runs[0]
+
+
+def _printed_json(stdout: str) -> dict:
+    """The JSON summary a job prints at its end (lines from `{` to `}`), among Ray's log lines."""
+    start = stdout.rindex('{\n  "')
+    return json.loads(stdout[start:stdout.index("\n}", start) + 2])
+
+
+def _steps(client, run, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+
+
+@pytest.mark.parametrize("mode", ["full", "lora", "linear"])
+def test_finetune_job_on_two_nodes(services, mode):
+    """Two DDP workers on two distinct nodes; checkpoints and the export in the bucket; one finished run on the
+    tracking server with the per-epoch and test metrics and the workers' nodes."""
+    s, name = services, f"ft-{mode}"
+    start = time.perf_counter()
+    job = s["cluster"].submit(_finetune_args(s, name, f"train.mode={mode}", "train.epochs=2"), _runtime_env(s))
+    seconds = time.perf_counter() - start
+    assert job.returncode == 0 and "succeeded" in job.stdout, (job.stdout + job.stderr)[-4000:]
+    print(f"2-node fine-tune, mode={mode}: {seconds:.1f} s from `ray job submit` to its end")
+
+    client, run = _run(s, name)
+    assert run.info.status == "FINISHED"
+    assert _steps(client, run, "train/loss") == [0, 1] and "test/accuracy" in run.data.metrics
+    assert run.data.metrics["workers"] == 2
+    nodes = {run.data.tags["camae.node.rank0"], run.data.tags["camae.node.rank1"]}
+    assert len(nodes) == 2  # STRICT_SPREAD: one worker per node
+
+    keys = s["store"].keys(f"runs/{name}/")
+    assert any(re.search(r"checkpoint_[^/]+/state\.pt$", k) for k in keys), keys
+    assert f"runs/{name}/export/config.json" in keys and f"runs/{name}/export/model.safetensors" in keys
+    assert f"runs/{name}/summary.json" in keys
+    summary = _printed_json(job.stdout)
+    assert summary["export_uri"] == f"s3://{BUCKET}/runs/{name}/export"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "export", "confusion_test.png"} <= artifacts  # through the server's artifact proxy
+
+
+def test_node_loss_resumes_from_the_bucket_without_repeating_epochs(services):
+    """Kill every process of the second node once epoch 0 is committed; bring the node back. The job resumes
+    from the last checkpoint in the bucket: each epoch is logged once, in one MLflow run."""
+    s, name = services, "ft-node-loss"
+    args = _finetune_args(s, name, "train.mode=linear", "train.epochs=4", "run.max_failures=3",
+                          "synth.wells_per_plate=40")  # longer epochs: the kill lands inside one
+    proc = _submit_in_background(s, args)
+    client = MlflowClient(s["server"].uri)
+    try:
+        run = _wait_for(lambda: _first_epoch_committed(client, name), 400, proc)
+        s["cluster"].node2.stop()  # the node is lost mid-epoch 1
+        killed = time.time()
+        time.sleep(5)
+        s["cluster"].node2.start()  # and comes back
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "succeeded" in out, out[-4000:]
+    client, run = _run(s, name)
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]  # no epoch repeated, none missing
+    resumed = [k for k in run.data.tags if k.startswith("camae.workers.from_epoch") and not k.endswith("epoch0")]
+    assert resumed, run.data.tags  # a second worker group started from a checkpoint
+    first_after = min(m.timestamp for m in history if m.timestamp / 1000 > killed) / 1000
+    print(f"node loss: {first_after - killed:.1f} s from the kill to the first resumed epoch's metrics "
+          f"(resumed at {resumed})")
+
+
+def _submit_in_background(s: dict, args: list[str]) -> subprocess.Popen:
+    from services import base_env
+
+    cluster = s["cluster"]
+    repo = Path(__file__).resolve().parents[1]
+    env_json = {"excludes": [".venv", "outputs", "data", ".git"], **_runtime_env(s)}
+    cmd = ["ray", "job", "submit", f"--address={cluster.dashboard_url}", "--working-dir", str(repo),
+           "--runtime-env-json", json.dumps(env_json), "--", *args]
+    return subprocess.Popen(cmd, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _first_epoch_committed(client, name: str):
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id], f"attributes.run_name = '{name}'") if exp else []
+    if runs and client.get_metric_history(runs[0].info.run_id, "train/loss"):
+        return runs[0]  # logged after ray.train.report: epoch 0's checkpoint is in the bucket
+    return None
+
+
+def _wait_for(probe, seconds: float, proc: subprocess.Popen):
+    deadline = time.time() + seconds
+    while (found := probe()) is None:
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.time() < deadline, f"gave up after {seconds} s"
+        time.sleep(0.5)
+    return found
+
+
+def test_sweep_job_spreads_trials_over_both_nodes(services):
+    """A two-trial sweep submitted as a job: one Train worker per trial, one per node (the `slot` resource), the
+    baseline probes beside them, Tune's state and the trials' checkpoints in the bucket."""
+    s, root = services, services["root"]
+    base = [*TINY, f"data.root={root / 'plates'}", f"run.output_dir={root / 'out'}",
+            f"run.storage_path=s3://{BUCKET}/sweeps", "run.num_workers=1", "run.resources_per_worker={slot: 1}",
+            f"tracking.tracking_uri={s['server'].uri}", f"tracking.experiment={EXPERIMENT}", "train.epochs=2"]
+    args = ["python", "-m", "finetune.tune", "--config", "configs/tune/quickstart.yaml", *_sets([
+        f"finetune={json.dumps(_nested(base))}", "name=cluster-sweep", "sweep.scheduler.kind=none",
+        "sweep.search_space={train.mode: {grid: [lora, full]}}", "sweep.max_concurrent_trials=2",
+        'baseline.set=["biology.null_size=200", "probes.kinds=[logistic]", "probes.per_block=false"]'])]
+    job = s["cluster"].submit(args, _runtime_env(s))
+    assert job.returncode == 0 and "succeeded" in job.stdout, (job.stdout + job.stderr)[-4000:]
+
+    client = MlflowClient(s["server"].uri)
+    exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    (parent,) = client.search_runs([exp], "tags.`camae.kind` = 'sweep' and attributes.run_name = 'cluster-sweep'")
+    assert parent.info.status == "FINISHED"
+    trials = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and "
+                                       "tags.`camae.kind` = 'finetune'")
+    assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials)
+    assert len({t.data.tags["camae.node.rank0"] for t in trials}) == 2  # the two trials ran on both nodes
+    (evaluation,) = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and "
+                                               "tags.`camae.kind` = 'evaluation'")
+    probes = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{evaluation.info.run_id}'")
+    assert len(probes) == 3  # logistic x (raw, pca_centerscale, tvn)
+    keys = s["store"].keys("sweeps/cluster-sweep/")
+    assert any(k.startswith("sweeps/cluster-sweep/tune/") for k in keys)
+    assert sum(k.endswith("/summary.json") and "/trials/" in k for k in keys) == 2
+    assert "best_export" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def _nested(items: list[str]) -> dict:
+    from camae.config import apply_overrides
+
+    return apply_overrides({}, items)
+
+
+def test_embedding_job_across_both_nodes_into_the_bucket(services, monkeypatch):
+    s, root = services, services["root"]
+    args = ["python", "-m", "camae", "embed", "--config", "configs/evaluate/quickstart.yaml", *_sets([
+        f"data.root={root / 'plates'}", "data.channels=[nuclei, er, mito]", "synth.effect_size=4",
+        "synth.classes=2", "synth.wells_per_plate=20", f"run.output_dir={root / 'out'}",
+        f"embed.output=s3://{BUCKET}/embeddings", "embed.actors=2", "embed.sites_per_file=32"])]
+    job = s["cluster"].submit(args, _runtime_env(s))
+    assert job.returncode == 0 and "succeeded" in job.stdout, (job.stdout + job.stderr)[-4000:]
+    result = _printed_json(job.stdout)
+    assert result["nodes"] == 2 and result["output"] == f"s3://{BUCKET}/embeddings"
+
+    for key, value in s["store"].env.items():
+        monkeypatch.setenv(key, value)
+    from evaluation.embed import load_embeddings
+
+    meta, X = load_embeddings(f"s3://{BUCKET}/embeddings")
+    assert len(meta) == result["sites"] and X.shape == (result["sites"], 32)
+    assert "embed.json" in {k.rsplit("/", 1)[-1] for k in s["store"].keys("embeddings/")}
+
+
+def test_tracking_outage_loses_no_metric(services):
+    """A restart of the tracking server between two epochs: the metric that could not be sent is queued and
+    arrives with the next."""
+    from camae.tracking import MetricBuffer, start_run
+
+    server = services["server"]
+    run_id = start_run(server.uri, EXPERIMENT, "outage", {}, {"camae.kind": "test"})
+    buffer = MetricBuffer(server.uri, run_id, patience_s=120)
+    assert buffer.log({"train/loss": 1.0}, step=0)
+    server.stop()
+    assert not buffer.log({"train/loss": 0.5}, step=1)  # the server is down: queued, training goes on
+    server.start()
+    assert buffer.log({"train/loss": 0.25}, step=2)
+    history = MlflowClient(server.uri).get_metric_history(run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(0, 1.0), (1, 0.5), (2, 0.25)]
+
+
+def test_unreachable_tracking_server_and_bucket_are_one_line_errors(services, capsys):
+    """Refused before any worker starts, naming the key and the fix (the job's driver, as a subprocess)."""
+    s = services
+    dead = f"http://127.0.0.1:{free_port()}"
+    job = s["cluster"].submit(_finetune_args(s, "ft-dead-server", f"tracking.tracking_uri={dead}"), _runtime_env(s))
+    assert job.returncode != 0
+    assert f"finetune: error: tracking.tracking_uri={dead}: the MLflow server does not answer" in job.stdout
+    job = s["cluster"].submit(_finetune_args(s, "ft-no-bucket", "run.storage_path=s3://no-such-bucket/runs"),
+                              _runtime_env(s))
+    assert job.returncode != 0
+    assert "finetune: error: run.storage_path=s3://no-such-bucket/runs: cannot write there from the driver" \
+        in job.stdout
+    assert "Traceback" not in job.stdout
