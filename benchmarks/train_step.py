@@ -51,13 +51,14 @@ def epochs_plain(cfg: FinetuneConfig, images: np.ndarray, labels: np.ndarray, cl
     torch.manual_seed(0)
     b = cfg.train.batch_size
     model, _ = build_model(cfg, classes)
-    optimizer, scheduler = build_optimizer(model, cfg, len(images) // b)
+    optimizer, scheduler = build_optimizer(model, cfg)
     x, y = torch.from_numpy(images), torch.from_numpy(labels)
     rows, step = [], 0
-    for _ in range(cfg.train.epochs):
+    for epoch in range(cfg.train.epochs):
         batches = ({"image": x[i:i + b], "label_index": y[i:i + b]} for i in range(0, len(x), b))
         start = time.perf_counter()
-        _, n, seconds, step = run_epoch(model, batches, optimizer, scheduler, cfg, torch.device("cpu"), step)
+        _, n, seconds, step = run_epoch(model, batches, optimizer, scheduler, cfg, torch.device("cpu"), step, epoch,
+                                        len(images))
         rows.append({"compute_s": seconds, "wall_s": time.perf_counter() - start, "steps": -(-n // b)})
     return rows
 
@@ -74,13 +75,13 @@ def train_fn(config: dict) -> None:
     torch.manual_seed(0)
     b = cfg.train.batch_size
     model, _ = build_model(cfg, config["classes"])
-    optimizer, scheduler = build_optimizer(model, cfg, config["n"] // b)
+    optimizer, scheduler = build_optimizer(model, cfg)
     shard = ray.train.get_dataset_shard("train")
     step, timings = 0, []
     for epoch in range(cfg.train.epochs):
         start = time.perf_counter()
         _, n, seconds, step = run_epoch(model, shard.iter_torch_batches(batch_size=b), optimizer, scheduler, cfg,
-                                        torch.device("cpu"), step)
+                                        torch.device("cpu"), step, epoch, config["n"])
         reported = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, Path(tmp) / "state.pt")

@@ -12,11 +12,21 @@ import os
 from camae.config import ConfigError
 
 
-def connect() -> None:
-    """Join the cluster named by $RAY_ADDRESS (set by `ray job submit`), else start a local one."""
-    import ray
+FORWARDED = ("AWS_", "GOOGLE_", "AZURE_", "MLFLOW_TRACKING_")  # credentials and endpoints every node needs
 
-    ray.init(ignore_reinit_error=True, log_to_driver=True)
+
+def connect() -> None:
+    """Join the cluster named by $RAY_ADDRESS (set by `ray job submit`), else start a local one. A driver started
+    outside `ray job submit` (`camae finetune` with RAY_ADDRESS set) hands its object-store and MLflow credentials
+    (FORWARDED variables) to every worker through the runtime env, as `--runtime-env-json` does for a job."""
+    import ray
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    if ray.is_initialized():
+        return
+    forward = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED)}
+    in_job = RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ  # a job's own runtime env already carries them
+    ray.init(log_to_driver=True, runtime_env={"env_vars": forward} if forward and not in_job else None)
 
 
 def alive_nodes() -> list[dict]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -121,8 +120,6 @@ def make_trainer(cfg: FinetuneConfig, where: JobPlaces, table, labels, run_id: s
 
     from camae.data import TRAIN_COLUMNS, build_dataset
 
-    world = max(cfg.run.num_workers, 1)
-    steps_per_epoch = math.ceil((table.split == "train").sum() / (cfg.train.batch_size * world * cfg.train.accumulate))
     datasets = {name: build_dataset(table[table.split == name], cfg.data, train=name == "train", label_map=labels,
                                     columns=TRAIN_COLUMNS, skip_log=storage.join(where.state_dir, "skipped"))
                 for name in ("train", "val")}
@@ -132,7 +129,7 @@ def make_trainer(cfg: FinetuneConfig, where: JobPlaces, table, labels, run_id: s
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "labels": list(labels.names), "run_id": run_id,
-                           "tracking_uri": where.tracking_uri, "steps_per_epoch": steps_per_epoch,
+                           "tracking_uri": where.tracking_uri, "train_sites": int((table.split == "train").sum()),
                            "run_dir": str(where.run_dir), "state_dir": where.state_dir},
         scaling_config=scaling(cfg),
         run_config=RunConfig(name=cfg.run.name, storage_path=path, storage_filesystem=filesystem,

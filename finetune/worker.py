@@ -31,6 +31,7 @@ log = logging.getLogger("camae.finetune")
 LORA_TARGETS = {"in_proj": r"blocks\.\d+\.in_proj", "attn_out_proj": r"blocks\.\d+\.attn_out_proj",
                 "mlp_out_proj": r"blocks\.\d+\.mlp_out_proj", "patch_embed": r"patch_embed\.proj"}
 CKPT_STATE, CKPT_METRICS = "state.pt", "metrics.json"
+SCHEDULE_UNITS = 1000  # learning-rate schedule resolution per epoch
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -58,17 +59,19 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> tuple[torch.nn.Module,
     return model, base
 
 
-def build_optimizer(model: torch.nn.Module, cfg: FinetuneConfig, steps_per_epoch: int):
+def build_optimizer(model: torch.nn.Module, cfg: FinetuneConfig):
     """timm's AdamW (no decay on biases, norms, tokens; layer-wise LR decay in mode=full) and its warmup +
-    cosine schedule, stepped per optimizer update."""
+    cosine schedule. The schedule runs on training progress in SCHEDULE_UNITS per epoch (updated after every
+    optimizer step from the images all workers have seen), not on a step count: an elastic worker group that
+    resumes with fewer workers takes more steps per epoch and still follows the same curve."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
 
     t = cfg.train
     layer_decay = t.layer_decay if t.mode == "full" and t.layer_decay < 1 else None
     optimizer = create_optimizer_v2(model, "adamw", lr=t.lr, weight_decay=t.weight_decay, layer_decay=layer_decay)
-    total = max(1, t.epochs * steps_per_epoch)
-    warmup = min(int(t.warmup_epochs * steps_per_epoch), total - 1)
+    total = max(1, t.epochs * SCHEDULE_UNITS)
+    warmup = min(int(t.warmup_epochs * SCHEDULE_UNITS), total - 1)
     scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=t.min_lr, warmup_t=warmup,
                                   warmup_lr_init=t.lr * 0.01, t_in_epochs=False)
     return optimizer, scheduler
@@ -84,33 +87,46 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
-def run_epoch(model, batches, optimizer, scheduler, cfg: FinetuneConfig, device, step: int):
-    """One pass over the training shard; returns (mean loss, images, seconds, optimizer steps done so far)."""
+def run_epoch(model, batches, optimizer, scheduler, cfg: FinetuneConfig, device, step: int, epoch: int = 0,
+              epoch_images: int = 1, world: int = 1):
+    """One pass over this worker's training shard; returns (mean loss, images, seconds, optimizer steps done so
+    far). `epoch_images` (all workers together) and `world` place each step on the schedule. The loss is summed on
+    the device and read once at the end (no host sync per step); DDP skips its all-reduce on accumulation
+    micro-batches (`no_sync`)."""
     model.train()
     if cfg.train.mode == "linear":
         unwrap(model).encoder.eval()  # frozen: no dropout or stochastic depth
     t, accumulate = cfg.train, cfg.train.accumulate
-    total_loss, images, micro, start = 0.0, 0, 0, time.perf_counter()
+    total_loss, images, micro, start = torch.zeros((), device=device), 0, 0, time.perf_counter()
     for batch in batches:
         x, y = batch["image"].to(device, non_blocking=True), batch["label_index"].to(device, non_blocking=True)
-        with autocast(device, t.precision):
-            loss = F.cross_entropy(model(x).float(), y)
-        (loss / accumulate).backward()
-        micro += 1
-        if micro % accumulate == 0:
-            step = _optimizer_step(model, optimizer, scheduler, t.grad_clip, step)
-        total_loss, images = total_loss + loss.item() * len(y), images + len(y)
-    if micro % accumulate:
-        step = _optimizer_step(model, optimizer, scheduler, t.grad_clip, step)
-    return total_loss / max(images, 1), images, time.perf_counter() - start, step
+        sync = (micro + 1) % accumulate == 0
+        with _maybe_no_sync(model, sync):
+            with autocast(device, t.precision):
+                loss = F.cross_entropy(model(x).float(), y)
+            (loss / accumulate).backward()
+        micro, images = micro + 1, images + len(y)
+        total_loss += loss.detach() * len(y)
+        progress = epoch + world * images / epoch_images
+        if sync:
+            step = _optimizer_step(model, optimizer, scheduler, t.grad_clip, step, progress)
+    if micro % accumulate:  # the last, partial accumulation
+        step = _optimizer_step(model, optimizer, scheduler, t.grad_clip, step, epoch + world * images / epoch_images)
+    return total_loss.item() / max(images, 1), images, time.perf_counter() - start, step
 
 
-def _optimizer_step(model, optimizer, scheduler, grad_clip, step: int) -> int:
+def _maybe_no_sync(model, sync: bool):
+    return model.no_sync() if not sync and isinstance(model, torch.nn.parallel.DistributedDataParallel) \
+        else nullcontext()
+
+
+def _optimizer_step(model, optimizer, scheduler, grad_clip, step: int, progress: float) -> int:
+    """One update; the schedule moves to `progress` (epochs done, fractional)."""
     if grad_clip:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    scheduler.step_update(step + 1)
+    scheduler.step_update(round(progress * SCHEDULE_UNITS))
     return step + 1
 
 
@@ -139,8 +155,8 @@ def predict(model, batches, device, precision: str = "auto") -> tuple[np.ndarray
 def train_fn_per_worker(config: dict) -> None:
     """Runs in every Ray Train worker: build, resume, train, validate (rank 0), report and checkpoint per epoch.
     `config`: the resolved FinetuneConfig as a dict ("cfg"), label names, the MLflow run (rank 0 logs into it,
-    each rank tags it with its node), steps per epoch, the driver's run_dir (in-process runs only) and the job's
-    state location in shared storage (the fault-injection marker)."""
+    each rank tags it with its node), training sites per epoch, the driver's run_dir (in-process runs only) and
+    the job's state location in shared storage (the fault-injection marker)."""
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
@@ -156,7 +172,7 @@ def train_fn_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if world > 1 or cfg.run.use_gpu else torch.device("cpu")
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed-shape crops: let cuDNN pick its fastest convs
     model, _ = build_model(cfg, len(config["labels"]))
-    optimizer, scheduler = build_optimizer(model, cfg, config["steps_per_epoch"])
+    optimizer, scheduler = build_optimizer(model, cfg)
     start_epoch, step = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -178,7 +194,8 @@ def train_fn_per_worker(config: dict) -> None:
             _maybe_inject_fault(cfg, epoch, config["state_dir"])
         batches = train_shard.iter_torch_batches(batch_size=cfg.train.batch_size, local_shuffle_buffer_size=
                                                  4 * cfg.train.batch_size, local_shuffle_seed=cfg.train.seed + epoch)
-        loss, images, seconds, step = run_epoch(model, batches, optimizer, scheduler, cfg, device, step)
+        loss, images, seconds, step = run_epoch(model, batches, optimizer, scheduler, cfg, device, step, epoch,
+                                                config["train_sites"], world)
         metrics = {"epoch": epoch, "train/loss": loss, "train/images_per_s": images * world / seconds,
                    "lr": optimizer.param_groups[-1]["lr"], "workers": world}
         if rank == 0:
@@ -210,11 +227,13 @@ def _tag_placement(config: dict, rank: int, world: int, start_epoch: int) -> Non
     import ray
     from mlflow.tracking import MlflowClient
 
-    node = ray.get_runtime_context().get_node_id()
-    MlflowClient(config["tracking_uri"]).set_tag(config["run_id"], f"camae.node.rank{rank}", node)
-    if rank == 0:
-        MlflowClient(config["tracking_uri"]).set_tag(config["run_id"], f"camae.workers.from_epoch{start_epoch}",
-                                                     str(world))
+    client = MlflowClient(config["tracking_uri"])
+    try:
+        client.set_tag(config["run_id"], f"camae.node.rank{rank}", ray.get_runtime_context().get_node_id())
+        if rank == 0:
+            client.set_tag(config["run_id"], f"camae.workers.from_epoch{start_epoch}", str(world))
+    except Exception as err:  # noqa: BLE001 -- a tracking outage must not stop training; metrics are buffered
+        log.warning("could not tag the MLflow run with this worker's node (%s)", err)
 
 
 def _write_checkpoint(base: Path, model, optimizer, scheduler, epoch: int, step: int, metrics: dict,

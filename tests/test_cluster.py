@@ -18,10 +18,7 @@ from services import BUCKET, TrackingServer, free_port, start_object_store, star
 
 pytestmark = pytest.mark.slow
 
-TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "data.channels=[nuclei, er, mito]",
-        "synth.effect_size=4", "synth.classes=2", "synth.wells_per_plate=20", "train.batch_size=8",
-        "data.decode_batch_size=8", "tracking.log_model=false"]
-EXPERIMENT = "camae-cluster"
+EXPERIMENT = "camae-cluster"  # as in configs/cluster/*.yaml
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +39,16 @@ def _sets(items: list[str]) -> list[str]:
     return [a for item in items for a in ("--set", item)]
 
 
+def _places(s: dict, storage: str = "runs") -> list[str]:
+    """What differs from configs/cluster/*.yaml here: the plates, this machine's bucket and server."""
+    return [f"data.root={s['root'] / 'plates'}", f"run.output_dir={s['root'] / 'out'}",
+            f"run.storage_path=s3://{BUCKET}/{storage}", f"tracking.tracking_uri={s['server'].uri}"]
+
+
 def _finetune_args(s: dict, name: str, *extra: str) -> list[str]:
-    root = s["root"]
-    return ["python", "-m", "finetune.train", "--config", "configs/finetune/quickstart.yaml", *_sets([
-        *TINY, f"data.root={root / 'plates'}", f"run.output_dir={root / 'out'}", f"run.name={name}",
-        "run.num_workers=2", "run.placement_strategy=STRICT_SPREAD", f"run.storage_path=s3://{BUCKET}/runs",
-        f"tracking.tracking_uri={s['server'].uri}", f"tracking.experiment={EXPERIMENT}", *extra])]
+    """configs/cluster/finetune.yaml: two workers, one per node (STRICT_SPREAD)."""
+    return ["python", "-m", "finetune.train", "--config", "configs/cluster/finetune.yaml",
+            *_sets([*_places(s), f"run.name={name}", *extra])]
 
 
 def _runtime_env(s: dict) -> dict:
@@ -100,24 +101,33 @@ def test_finetune_job_on_two_nodes(services, mode):
     assert {"config.yaml", "export", "confusion_test.png"} <= artifacts  # through the server's artifact proxy
 
 
-def test_node_loss_resumes_from_the_bucket_without_repeating_epochs(services):
-    """Kill every process of the second node once epoch 0 is committed; bring the node back. The job resumes
-    from the last checkpoint in the bucket: each epoch is logged once, in one MLflow run."""
-    s, name = services, "ft-node-loss"
-    args = _finetune_args(s, name, "train.mode=linear", "train.epochs=4", "run.max_failures=3",
-                          "synth.wells_per_plate=40")  # longer epochs: the kill lands inside one
+@pytest.mark.parametrize("recovery", ["node-back", "elastic"])
+def test_node_loss_resumes_from_the_bucket_without_repeating_epochs(services, recovery):
+    """Kill every process of the second node once epoch 0 is committed. node-back: the node returns and the job
+    resumes on two workers; elastic (run.min_workers=1): it goes on with one worker at once. Either way it resumes
+    from the last checkpoint in the bucket and each epoch is logged once, in one MLflow run."""
+    s, name = services, f"ft-node-loss-{recovery}"
+    # Ray 2.60's elastic sizing counts resources, not the placement strategy: with STRICT_SPREAD it would keep
+    # asking for two workers on the one node left. One `slot` per node pins one worker to each node instead.
+    elastic = ["run.min_workers=1", "run.placement_strategy=PACK", "run.resources_per_worker={slot: 1}"] \
+        if recovery == "elastic" else []
+    args = _finetune_args(s, name, "train.mode=linear", "train.epochs=4", *elastic, "synth.wells_per_plate=40",
+                          f"data.root={s['root'] / 'plates-40'}")  # longer epochs: the kill lands inside one
     proc = _submit_in_background(s, args)
     client = MlflowClient(s["server"].uri)
     try:
-        run = _wait_for(lambda: _first_epoch_committed(client, name), 400, proc)
+        _wait_for(lambda: _first_epoch_committed(client, name), 400, proc)
         s["cluster"].node2.stop()  # the node is lost mid-epoch 1
         killed = time.time()
-        time.sleep(5)
-        s["cluster"].node2.start()  # and comes back
+        if not elastic:
+            time.sleep(5)
+            s["cluster"].node2.start()  # and comes back
         out, _ = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
+        if elastic:
+            s["cluster"].node2.start()  # back for the tests that follow
     assert proc.returncode == 0 and "succeeded" in out, out[-4000:]
     client, run = _run(s, name)
     assert run.info.status == "FINISHED"
@@ -125,8 +135,10 @@ def test_node_loss_resumes_from_the_bucket_without_repeating_epochs(services):
     assert sorted(m.step for m in history) == [0, 1, 2, 3]  # no epoch repeated, none missing
     resumed = [k for k in run.data.tags if k.startswith("camae.workers.from_epoch") and not k.endswith("epoch0")]
     assert resumed, run.data.tags  # a second worker group started from a checkpoint
+    workers = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "workers")}
+    assert workers[0] == 2 and workers[3] == (1 if elastic else 2)
     first_after = min(m.timestamp for m in history if m.timestamp / 1000 > killed) / 1000
-    print(f"node loss: {first_after - killed:.1f} s from the kill to the first resumed epoch's metrics "
+    print(f"node loss ({recovery}): {first_after - killed:.1f} s from the kill to the first resumed epoch's metrics "
           f"(resumed at {resumed})")
 
 
@@ -161,14 +173,9 @@ def _wait_for(probe, seconds: float, proc: subprocess.Popen):
 def test_sweep_job_spreads_trials_over_both_nodes(services):
     """A two-trial sweep submitted as a job: one Train worker per trial, one per node (the `slot` resource), the
     baseline probes beside them, Tune's state and the trials' checkpoints in the bucket."""
-    s, root = services, services["root"]
-    base = [*TINY, f"data.root={root / 'plates'}", f"run.output_dir={root / 'out'}",
-            f"run.storage_path=s3://{BUCKET}/sweeps", "run.num_workers=1", "run.resources_per_worker={slot: 1}",
-            f"tracking.tracking_uri={s['server'].uri}", f"tracking.experiment={EXPERIMENT}", "train.epochs=2"]
-    args = ["python", "-m", "finetune.tune", "--config", "configs/tune/quickstart.yaml", *_sets([
-        f"finetune={json.dumps(_nested(base))}", "name=cluster-sweep", "sweep.scheduler.kind=none",
-        "sweep.search_space={train.mode: {grid: [lora, full]}}", "sweep.max_concurrent_trials=2",
-        'baseline.set=["biology.null_size=200", "probes.kinds=[logistic]", "probes.per_block=false"]'])]
+    s = services
+    finetune = [f"finetune.{item}" for item in [*_places(s, "sweeps"), "run.resources_per_worker={slot: 1}"]]
+    args = ["python", "-m", "finetune.tune", "--config", "configs/cluster/sweep.yaml", *_sets(finetune)]
     job = s["cluster"].submit(args, _runtime_env(s))
     assert job.returncode == 0 and "succeeded" in job.stdout, (job.stdout + job.stderr)[-4000:]
 
@@ -190,18 +197,11 @@ def test_sweep_job_spreads_trials_over_both_nodes(services):
     assert "best_export" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
-def _nested(items: list[str]) -> dict:
-    from camae.config import apply_overrides
-
-    return apply_overrides({}, items)
-
-
 def test_embedding_job_across_both_nodes_into_the_bucket(services, monkeypatch):
-    s, root = services, services["root"]
-    args = ["python", "-m", "camae", "embed", "--config", "configs/evaluate/quickstart.yaml", *_sets([
-        f"data.root={root / 'plates'}", "data.channels=[nuclei, er, mito]", "synth.effect_size=4",
-        "synth.classes=2", "synth.wells_per_plate=20", f"run.output_dir={root / 'out'}",
-        f"embed.output=s3://{BUCKET}/embeddings", "embed.actors=2", "embed.sites_per_file=32"])]
+    s = services
+    args = ["python", "-m", "camae", "embed", "--config", "configs/cluster/embed.yaml", *_sets([
+        f"data.root={s['root'] / 'plates'}", f"run.output_dir={s['root'] / 'out'}",
+        f"embed.output=s3://{BUCKET}/embeddings", f"tracking.tracking_uri={s['server'].uri}"])]
     job = s["cluster"].submit(args, _runtime_env(s))
     assert job.returncode == 0 and "succeeded" in job.stdout, (job.stdout + job.stderr)[-4000:]
     result = _printed_json(job.stdout)
@@ -246,3 +246,17 @@ def test_unreachable_tracking_server_and_bucket_are_one_line_errors(services, ca
     assert "finetune: error: run.storage_path=s3://no-such-bucket/runs: cannot write there from the driver" \
         in job.stdout
     assert "Traceback" not in job.stdout
+
+
+def test_camae_finetune_joins_the_cluster_from_outside(services):
+    """`camae finetune` where RAY_ADDRESS names the cluster: the driver runs here, its two workers on the nodes."""
+    from services import base_env
+
+    s, name = services, "ft-camae-cli"
+    env = {**base_env(), "RAY_ADDRESS": s["cluster"].address, **s["store"].env}
+    done = subprocess.run(["camae", "finetune", *_finetune_args(s, name)[3:]], env=env, cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    client, run = _run(s, name)
+    assert run.info.status == "FINISHED" and _steps(client, run, "train/loss") == [0, 1]
+    assert run.data.tags["camae.node.rank0"] != run.data.tags["camae.node.rank1"]

@@ -213,7 +213,7 @@ def test_full_mode_decays_the_learning_rate_by_layer(tmp_path):
 
     cfg = config(tmp_path, tmp_path / "none", "train.mode=full", "train.layer_decay=0.5", "model.depth=3")
     model, _ = build_model(cfg, 3)
-    optimizer, _ = build_optimizer(model, cfg, steps_per_epoch=10)
+    optimizer, _ = build_optimizer(model, cfg)
     names = {id(p): n for n, p in model.named_parameters()}
     scale = {names[id(p)]: g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
     assert scale["head.weight"] == 1.0
@@ -231,3 +231,24 @@ def test_lora_mode_trains_only_adapters_and_head(tmp_path):
     assert any("patch_embed.proj.lora_A" in n for n in trainable) and any("in_proj.lora_B" in n for n in trainable)
     assert not any("attn_out_proj.lora" in n for n in trainable)
     assert all("lora_" in n or "head" in n for n in trainable)
+
+
+def test_schedule_follows_epochs_not_steps(tmp_path):
+    """An elastic restart on fewer workers takes more steps per epoch: the learning rate at the end of an epoch
+    is the same whether one worker saw all of it or each of two workers saw half."""
+    from finetune.worker import build_model, build_optimizer, run_epoch
+
+    cfg = config(tmp_path, tmp_path / "none", "train.mode=linear", "train.epochs=3", "train.warmup_epochs=0.5",
+                 "train.grad_clip=null")
+    x = torch.randint(0, 256, (8, 3, 256, 256), dtype=torch.uint8)
+    batches = lambda n: ({"image": x[i:i + 2], "label_index": torch.zeros(2, dtype=torch.long)}  # noqa: E731
+                         for i in range(0, n, 2))
+    lrs = []
+    for world, seen in ((1, 8), (2, 4)):
+        model, _ = build_model(cfg, 2)
+        optimizer, scheduler = build_optimizer(model, cfg)
+        _, images, _, steps = run_epoch(model, batches(seen), optimizer, scheduler, cfg, torch.device("cpu"), 0,
+                                        epoch=1, epoch_images=8, world=world)
+        assert (images, steps) == (seen, seen // 2)
+        lrs.append(optimizer.param_groups[-1]["lr"])
+    assert lrs[0] == pytest.approx(lrs[1], rel=1e-9) and lrs[0] < cfg.train.lr  # two of three epochs into the cosine
