@@ -11,6 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[dev]"
+	# the tests' oracle for EFAAR's TVN and recall, without the scvi-tools/geomloss stack it pulls in for other work
+	$(BIN)/pip install -q --no-deps efaar-benchmarking==1.0
 	touch $@
 
 # The main job on the embedded default: synthetic plates (written on first run) -> frozen-encoder probes (raw,

@@ -11,7 +11,6 @@ import os
 
 from camae.config import ConfigError
 
-
 FORWARDED = ("AWS_", "GOOGLE_", "AZURE_", "MLFLOW_TRACKING_")  # credentials and endpoints every node needs
 
 

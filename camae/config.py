@@ -320,12 +320,14 @@ class EmbedConfig:
 class CorrectionConfig:
     """Batch correction of embeddings (evaluation.batch_correction), fitted on controls."""
 
-    methods: list[Literal["raw", "pca_centerscale", "tvn"]] = field(
-        default_factory=lambda: ["raw", "pca_centerscale", "tvn"])
-    """Embeddings evaluated: uncorrected, PCA-CenterScale (the model card's recipe) and Typical Variation
-    Normalization (EFAAR's)."""
-    by: Literal["batch", "plate"] = "batch"
-    """Unit of the per-batch StandardScaler (and TVN's CORAL step): the data's batch column, or each plate."""
+    methods: list[Literal["raw", "pca_centerscale", "tvn", "harmony"]] = field(
+        default_factory=lambda: ["raw", "pca_centerscale", "tvn", "harmony"])
+    """Embeddings evaluated: uncorrected, PCA-CenterScale (the model card's recipe), Typical Variation
+    Normalization (exactly EFAAR's tvn_on_controls, on the PCA-CenterScale output) and Harmony (harmonypy, on the
+    PCA-CenterScale output)."""
+    by: Literal["batch", "plate"] = "plate"
+    """Unit of the per-batch StandardScaler, TVN's CORAL step and Harmony's batch variable: the data's batch column,
+    or each plate (the default of `camae evaluate` and of a sweep's baseline alike)."""
     n_components: int | None = None
     """PCA components; None: as many as the fitting controls allow (min(controls - 1, D))."""
     fit_on: Literal["train", "all"] = "train"
@@ -333,7 +335,8 @@ class CorrectionConfig:
     fitted projection), or all plates. The per-batch scalers always use each batch's own controls (labels play no
     part in them)."""
     coral: bool = True
-    """TVN: also align each batch's control covariance to that of all controls (CORAL, as EFAAR's TVN does)."""
+    """TVN: end with EFAAR's per-batch CORAL step, X_b @ (C_b + 0.5 I)^(-1/2) with C_b the covariance of the batch's
+    controls (tvn_on_controls with batch_col); false: tvn_on_controls without it."""
 
 
 @dataclass
@@ -350,7 +353,7 @@ class ProbeConfig:
     """Neighbours of the kNN probe."""
     per_block: bool = True
     """Also fit the logistic probe on each encoder block's pooled output (needs embed.blocks)."""
-    per_block_correction: Literal["raw", "pca_centerscale", "tvn"] = "pca_centerscale"
+    per_block_correction: Literal["raw", "pca_centerscale", "tvn", "harmony"] = "pca_centerscale"
     """Correction applied before the per-block probes."""
 
 
@@ -367,14 +370,18 @@ class BiologyConfig:
     relationships: str | None = None
     """CSV of known related pairs (columns perturbation_a, perturbation_b); default: relationships.csv in
     data.root when it exists (the synthetic generator writes one)."""
-    relationship_percentile: float = 5.0
-    """A known pair is recalled when its cosine similarity is in the top or bottom this-% of all pairs."""
+    recall_thresholds: list[list[float]] = field(default_factory=lambda: [[0.05, 0.95], [0.1, 0.9]])
+    """EFAAR's known-relationship recall threshold pairs (left, right): a known pair is recalled when its cosine
+    similarity ranks at or below `left` or at or above `right` of all perturbation pairs (bio/recall_<l>_<r>)."""
+    consistency: bool = True
+    """Phenotypic consistency (copairs): mAP of perturbations retrieving those that share an annotation group (the
+    connected groups of the known relationships)."""
     batch_effect: bool = True
     """How well the plate is predicted from control embeddings (cross-validated logistic regression)."""
     channel_leave_one_out: bool = True
     """Re-embed with each channel left out in turn and repeat the logistic probe and mAP (slow: one embedding
     pass per channel)."""
-    loo_correction: Literal["raw", "pca_centerscale", "tvn"] = "pca_centerscale"
+    loo_correction: Literal["raw", "pca_centerscale", "tvn", "harmony"] = "pca_centerscale"
     """Correction used for the leave-one-out metrics."""
 
 

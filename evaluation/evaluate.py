@@ -26,7 +26,13 @@ import pandas as pd
 from camae.cluster import connect
 from camae.config import ConfigError, EvaluateConfig, job_parser, load_config, save_config, to_dict
 from evaluation.batch_correction import fit_correction
-from evaluation.biology import plate_predictability, relationship_recall, replicate_map, well_profiles
+from evaluation.biology import (
+    consistency_map,
+    plate_predictability,
+    relationship_recall,
+    replicate_map,
+    well_profiles,
+)
 from evaluation.embed import embed_table, load_embedding_columns
 from evaluation.probes import run_probe
 
@@ -64,13 +70,15 @@ def biology(cfg: EvaluateConfig, meta: pd.DataFrame, X: np.ndarray, pairs: pd.Da
     b, metrics, table, skipped = cfg.biology, {}, None, {}
     wells, P = well_profiles(meta, X)
     steps = {"replicate_map": b.replicate_map, "relationship_recall": pairs is not None,
-             "plate_predictability": b.batch_effect}
+             "consistency": b.consistency and pairs is not None, "plate_predictability": b.batch_effect}
     for name in [n for n, wanted in steps.items() if wanted]:
         try:
             if name == "replicate_map":
                 table, out = replicate_map(wells, P, b.null_size, b.fdr, cfg.data.seed)
             elif name == "relationship_recall":
-                out = relationship_recall(wells, P, pairs, b.relationship_percentile)
+                out = relationship_recall(wells, P, pairs, [tuple(t) for t in b.recall_thresholds])
+            elif name == "consistency":
+                out = consistency_map(wells, P, pairs, b.null_size, b.fdr, cfg.data.seed)[1]
             else:
                 out = plate_predictability(meta, X, cfg.data.seed)
         except ValueError as err:
@@ -207,7 +215,8 @@ def _evaluate(cfg, out, table, meta, arrays, y, labels, uri, parent, params, tag
 
 
 METRICS_SHOWN = ("run", "correction", "val/accuracy", "test/accuracy", "test/macro_f1", "test/balanced_accuracy",
-                 "bio/map", "bio/fraction_retrieved", "bio/relationship_recall", "bio/plate_predictability")
+                 "bio/map", "bio/fraction_retrieved", "bio/consistency_map", "bio/recall_0.05_0.95",
+                 "bio/recall_0.1_0.9", "bio/plate_predictability")
 
 
 def leave_one_out(cfg: EvaluateConfig, out: Path, table: pd.DataFrame, meta: pd.DataFrame, full: np.ndarray,
