@@ -37,8 +37,7 @@ def plain_loop(table, data, cfg) -> float:
     rng = np.random.default_rng(0)
     images = torch.from_numpy(np.stack([crops(load_site(r, data), data, False, rng)[0]
                                         for r in table.to_dict("records")]))
-    torch.manual_seed(cfg.seed)
-    model = base_model(cfg).eval()
+    model = base_model(cfg.encoder).eval()
     model.predict(images[:cfg.batch_size])  # warm-up
     start = time.perf_counter()
     for batch in images.split(cfg.batch_size):
@@ -69,7 +68,7 @@ def main() -> None:
 
     import ray
 
-    from camae.config import DataConfig, EmbedConfig, SynthConfig
+    from camae.config import DataConfig, EmbedConfig, EncoderSpec, SynthConfig
     from camae.data import read_table
     from camae.synth import ensure_dataset
 
@@ -85,8 +84,8 @@ def main() -> None:
         dim, depth, heads = SIZES[size]
         n = args.sites if size == "tiny" else args.sites_full
         table = full_table.iloc[:n]
-        cfg = EmbedConfig(embed_dim=dim, depth=depth, num_heads=heads, blocks=False, batch_size=args.batch_size,
-                          sites_per_file=max(16, n // 4))
+        cfg = EmbedConfig(EncoderSpec(embed_dim=dim, depth=depth, num_heads=heads), blocks=False,
+                          batch_size=args.batch_size, sites_per_file=max(16, n // 4))
         scratch = Path(args.data).parent / f"bench-embed-out-{size}"
         cold = ray_embed(table, data, cfg, scratch)
         warm = ray_embed(table, data, cfg, scratch)

@@ -26,7 +26,8 @@ sys.path.insert(0, str(REPO))
 
 from camae.config import FinetuneConfig, load_config  # noqa: E402
 
-OVERRIDES = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "train.mode=full", "train.lr=1e-3"]
+OVERRIDES = ["model.encoder.embed_dim=32", "model.encoder.depth=2", "model.encoder.num_heads=2", "train.mode=full",
+             "train.lr=1e-3"]
 
 
 def images_and_labels(n: int, channels: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,8 @@ log = logging.getLogger("camae")
 
 def base_model(cfg) -> MAEModel:
     """The pretrained model named by `cfg.checkpoint` (an OpenPhenom directory or a camae export), or random
-    weights of cfg.embed_dim / depth / num_heads with a loud warning. `cfg`: a ModelConfig or EmbedConfig."""
+    weights of cfg.embed_dim / depth / num_heads drawn with cfg.seed (the same in every job and process), with a
+    loud warning. `cfg`: an EncoderSpec."""
     if cfg.checkpoint:
         return MAEModel.from_pretrained(cfg.checkpoint, bias_routing=cfg.bias_routing)
     log.warning("no checkpoint is set: the encoder starts from RANDOM weights. Fine for smoke runs; for real work "
@@ -37,7 +38,9 @@ def base_model(cfg) -> MAEModel:
                             bias_routing=cfg.bias_routing or "legacy")
     published = (cfg.embed_dim, cfg.depth, cfg.num_heads) == (384, 12, 6)
     decoder = DecoderConfig() if published else DecoderConfig(embed_dim=32, depth=1, num_heads=2)
-    return MAEModel(MAEConfig(encoder=encoder, decoder=decoder))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return MAEModel(MAEConfig(encoder=encoder, decoder=decoder))
 
 
 class MAEClassifier(nn.Module):

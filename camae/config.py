@@ -130,8 +130,10 @@ class SynthConfig:
 
 
 @dataclass
-class ModelConfig:
-    """The encoder to fine-tune and the classification head on top."""
+class EncoderSpec:
+    """The encoder a job starts from. One definition for fine-tuning (`model.encoder`), embedding and probes
+    (`embed.encoder`) and a sweep's baseline (its fine-tunes' spec, copied whole); its identity
+    (`camae.identity.encoder_identity`) keys embeddings and baselines."""
 
     checkpoint: str | None = None
     """An OpenPhenom directory (config.json + model.safetensors) or a camae export. None: random weights, with a
@@ -142,8 +144,18 @@ class ModelConfig:
     """Random weights only: encoder blocks."""
     num_heads: int = 6
     """Random weights only: attention heads."""
+    seed: int = 0
+    """Random weights only: the seed they are drawn with (the same spec gives the same encoder in every job)."""
     bias_routing: Literal["legacy", "modern"] | None = None
     """Override the checkpoint's bias routing (default: what the checkpoint says, legacy for OpenPhenom)."""
+
+
+@dataclass
+class ModelConfig:
+    """The encoder to fine-tune and the classification head on top."""
+
+    encoder: EncoderSpec = field(default_factory=EncoderSpec)
+    """The encoder fine-tuning starts from."""
     pool: Literal["avg", "cls"] = "avg"
     """Embedding pooled for the head: mean of patch tokens (as `predict`) or the cls token."""
     head_norm: bool = True
@@ -282,21 +294,10 @@ class FinetuneConfig:
 class EmbedConfig:
     """Embedding plates with a frozen encoder (`camae embed`), streamed by Ray Data through an actor pool."""
 
-    checkpoint: str | None = None
-    """An OpenPhenom directory or a camae fine-tune export (its encoder is used). None: random weights, with a
-    loud warning (smoke runs only)."""
-    embed_dim: int = 384
-    """Random weights only: encoder width."""
-    depth: int = 12
-    """Random weights only: encoder blocks."""
-    num_heads: int = 6
-    """Random weights only: attention heads."""
-    seed: int = 0
-    """Random weights only: the seed they are drawn with (the same seed gives the same encoder)."""
-    bias_routing: Literal["legacy", "modern"] | None = None
-    """Override the checkpoint's bias routing (default: what the checkpoint says)."""
+    encoder: EncoderSpec = field(default_factory=EncoderSpec)
+    """The encoder (an OpenPhenom directory, a camae export, or random weights for smoke runs)."""
     output: str | None = None
-    """Parquet directory; default: run.output_dir/run.name/embeddings."""
+    """Parquet directory or URI (s3://...); default: run.output_dir/run.name/embeddings."""
     channelwise: bool = False
     """Also store the channel-wise embedding (one D-vector per channel, concatenated) as `embedding_channelwise`."""
     blocks: bool = True

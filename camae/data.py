@@ -389,14 +389,6 @@ class SiteDataset:
         return item
 
 
-def split_fingerprint(table: pd.DataFrame) -> str:
-    """A short hash of which site is in which split: runs with the same fingerprint saw the same plates."""
-    import hashlib
-
-    lines = sorted(f"{s}:{p}" for s, p in zip(table["sample_id"], table["split"], strict=True))
-    return hashlib.sha1("\n".join(lines).encode()).hexdigest()[:12]
-
-
 def prepare_dataset(cfg: DataConfig, synth=None, run_dir: str | Path | None = None):
     """What every job starts with: the synthetic plates written first if `synth` (a SynthConfig) is given and
     data.root holds none yet; the table with its split column; the label map. With run_dir, the label map and

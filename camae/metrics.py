@@ -15,12 +15,17 @@ from sklearn.metrics import (
 
 
 def classification_metrics(y_true, y_pred, prefix: str = "") -> dict[str, float]:
-    """accuracy, macro_f1 and balanced_accuracy, keyed `{prefix}/{name}` (or bare names without a prefix)."""
+    """accuracy, macro_f1 and balanced_accuracy, keyed `{prefix}/{name}` (or bare names without a prefix), with the
+    chance levels beside them: `chance_accuracy`, what always answering this split's most common class scores, and
+    `chance_balanced_accuracy`, 1 / the classes present."""
     key = (lambda name: f"{prefix}/{name}") if prefix else (lambda name: name)
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    counts = np.unique(y_true, return_counts=True)[1]
     return {key("accuracy"): float(accuracy_score(y_true, y_pred)),
             key("macro_f1"): float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-            key("balanced_accuracy"): float(balanced_accuracy_score(y_true, y_pred))}
+            key("balanced_accuracy"): float(balanced_accuracy_score(y_true, y_pred)),
+            key("chance_accuracy"): float(counts.max() / counts.sum()),
+            key("chance_balanced_accuracy"): float(1 / len(counts))}
 
 
 def per_class_table(y_true, y_pred, names: list[str]) -> pd.DataFrame:

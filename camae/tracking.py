@@ -167,19 +167,15 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
 
 
 def baseline_key(cfg, split: str) -> str:
-    """Identity of a probe baseline (an EvaluateConfig on a split): the same key means the same encoder, channels,
-    crops, corrections and probes on the same plates, so a sweep may reuse the runs instead of recomputing them."""
-    import hashlib
-
+    """Identity of a probe baseline (an EvaluateConfig on a split): the same key means the same encoder (weights
+    by content), the same images (dataset root and layout, channels, 16-bit mapping, crops), the same corrections
+    and probes on the same plates, so a sweep may reuse the runs instead of recomputing them."""
     from camae.config import to_dict
+    from camae.identity import data_identity, digest, encoder_identity
 
     d = to_dict(cfg)
-    ckpt = d["embed"]["checkpoint"]
-    identity = {"split": split, "checkpoint": str(Path(ckpt).resolve()) if ckpt else None,
-                "random": None if ckpt else [d["embed"][k] for k in ("embed_dim", "depth", "num_heads", "seed")],
-                "data": {k: d["data"][k] for k in ("channels", "crop_size", "eval_crop", "uint16_mapping")},
-                "correction": d["correction"], "probes": d["probes"]}
-    return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return digest({"split": split, "encoder": encoder_identity(cfg.embed.encoder), "data": data_identity(cfg.data),
+                   "correction": d["correction"], "probes": d["probes"]})
 
 
 def find_runs(tracking_uri: str, experiment: str, tags: dict[str, str]) -> list:

@@ -2,7 +2,7 @@
 runs the model (a GPU per actor when the cluster has them); the driver averages each site's crops and writes
 Parquet files of `embed.sites_per_file` sites as they complete.
 
-    camae embed --config configs/evaluate/quickstart.yaml [--set embed.checkpoint=DIR ...]
+    camae embed --config configs/evaluate/quickstart.yaml [--set embed.encoder.checkpoint=DIR ...]
 
 Output directory (a local path, or a URI such as s3://bucket/embeddings: camae.storage):
     embed.json           what was embedded (encoder, channels, crops); a rerun with other settings is refused
@@ -48,17 +48,16 @@ class Embedder:
 
         if threads > 0 and not use_gpu:
             torch.set_num_threads(threads)
-        torch.manual_seed(cfg.seed)  # random weights (smoke runs) are then the same in every actor and run
         self.cfg = cfg
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        model = base_model(cfg)
+        model = base_model(cfg.encoder)  # random weights (smoke runs) are drawn with encoder.seed: the same everywhere
         model.decoder = torch.nn.Identity()  # only the encoder runs here: free the decoder (155M values at ViT-S)
         self.model = model.to(self.device).eval()
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and use_gpu)
 
         import ray
 
-        self.node = ray.get_runtime_context().get_node_id()
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -96,14 +95,11 @@ class EmbedResult:
 
 
 def fingerprint(cfg: EmbedConfig, data: DataConfig, channels: list[str]) -> dict:
-    """The settings an embedding depends on; a resumed pass must match them exactly."""
-    ckpt = str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None
-    random = None if ckpt else {"embed_dim": cfg.embed_dim, "depth": cfg.depth, "num_heads": cfg.num_heads,
-                                "seed": cfg.seed}
-    return {"checkpoint": ckpt, "random_weights": random, "bias_routing": cfg.bias_routing, "channels": channels,
-            "crop_size": data.crop_size, "eval_crop": data.eval_crop, "uint16_mapping": data.uint16_mapping,
-            "channelwise": cfg.channelwise, "blocks": cfg.blocks, "sites_per_file": cfg.sites_per_file,
-            "format": data.format, "root": str(Path(data.root).resolve())}
+    """The settings an embedding depends on (camae.identity); a resumed pass must match them exactly."""
+    from camae.identity import data_identity, encoder_identity
+
+    return {"encoder": encoder_identity(cfg.encoder), "data": data_identity(data, channels),
+            "channelwise": cfg.channelwise, "blocks": cfg.blocks, "sites_per_file": cfg.sites_per_file}
 
 
 def plan_files(table: pd.DataFrame, sites_per_file: int) -> pd.DataFrame:
@@ -170,7 +166,10 @@ def _check_or_write_stamp(out: str, stamp: dict) -> None:
     if storage.exists(path):
         old = json.loads(storage.read_text(path))
         if old != stamp:
-            diff = sorted(k for k in stamp if old.get(k) != stamp[k])
+            from camae.config import dotted_items
+
+            was, now = dotted_items(old), dotted_items(stamp)
+            diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
             raise ValueError(f"{out} holds embeddings made with other settings ({', '.join(diff)} differ); "
                              "delete it or set embed.output to a new directory")
         return

@@ -1,6 +1,6 @@
 """Evaluate a frozen encoder on plates: embed, batch-correct, probe, measure the biology, log it all to MLflow.
 
-    camae evaluate --config configs/evaluate/quickstart.yaml [--set embed.checkpoint=DIR ...]
+    camae evaluate --config configs/evaluate/quickstart.yaml [--set embed.encoder.checkpoint=DIR ...]
     camae embed --config ...                   # only the embedding pass
     python -m evaluation.evaluate --config ...  # the same; for `ray job submit --working-dir . -- python -m ...`
 
@@ -118,7 +118,8 @@ def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None) -> dict:
     """The whole evaluation; returns a summary with the metrics table and the MLflow run ids."""
     import mlflow
 
-    from camae.data import prepare_dataset, split_fingerprint
+    from camae.data import prepare_dataset
+    from camae.identity import split_identity
     from camae.tracking import active_run, baseline_key, end_run, flatten, log_metrics, resolve_tracking_uri, start_run
 
     out = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
@@ -127,9 +128,9 @@ def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None) -> dict:
     connect()
     meta, arrays, embedded = embed(cfg, table, cfg.embed.output or str(out / "embeddings"))
     y = labels.encode(meta["label"])
-    split_id = split_fingerprint(table)
+    split_id = split_identity(table)
     tags = {"camae.split": split_id, "camae.baseline_key": baseline_key(cfg, split_id),
-            "camae.encoder": cfg.embed.checkpoint or "random", "camae.dataset": Path(cfg.data.root).name,
+            "camae.encoder": cfg.embed.encoder.checkpoint or "random", "camae.dataset": Path(cfg.data.root).name,
             "camae.channels": ",".join(cfg.data.channels)}
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, Path(cfg.run.output_dir).resolve())
     params = flatten(to_dict(cfg))
@@ -214,7 +215,8 @@ def _evaluate(cfg, out, table, meta, arrays, y, labels, uri, parent, params, tag
     return summary
 
 
-METRICS_SHOWN = ("run", "correction", "val/accuracy", "test/accuracy", "test/macro_f1", "test/balanced_accuracy",
+METRICS_SHOWN = ("run", "correction", "val/accuracy", "test/accuracy", "test/chance_accuracy", "test/macro_f1",
+                 "test/balanced_accuracy", "test/chance_balanced_accuracy",
                  "bio/map", "bio/fraction_retrieved", "bio/consistency_map", "bio/recall_0.05_0.95",
                  "bio/recall_0.1_0.9", "bio/plate_predictability")
 

@@ -88,14 +88,14 @@ def run_finetune(cfg: FinetuneConfig, parent_run_id: str | None = None, callback
 
 
 def _start_run(cfg: FinetuneConfig, where: JobPlaces, table, parent_run_id: str | None, tags: dict | None) -> str:
-    from camae.data import split_fingerprint
+    from camae.identity import split_identity
     from camae.tracking import flatten, start_run
 
     return start_run(where.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.run.name,
                      flatten(to_dict(cfg)), {"camae.kind": "finetune", "camae.mode": cfg.train.mode,
                                              "camae.dataset": Path(cfg.data.root).name,
                                              "camae.channels": ",".join(cfg.data.channels),
-                                             "camae.split": split_fingerprint(table),
+                                             "camae.split": split_identity(table),
                                              "camae.storage": where.state_dir, **(tags or {})},
                      parent_run_id=parent_run_id or os.environ.get("CAMAE_PARENT_RUN_ID"))
 

@@ -46,8 +46,8 @@ from camae.config import (
 log = logging.getLogger("camae.sweep")
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
-SHOWN = ["run", "kind", "mode", "correction", "val/accuracy", "test/accuracy", "test/macro_f1",
-         "test/balanced_accuracy"]
+SHOWN = ["run", "kind", "mode", "correction", "val/accuracy", "test/accuracy", "test/chance_accuracy",
+         "test/macro_f1", "test/balanced_accuracy", "test/chance_balanced_accuracy"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,10 +151,7 @@ def baseline_config(sweep: SweepConfig, base: FinetuneConfig, out: Path, uri: st
     if not sweep.baseline.config:
         cfg.biology.channel_leave_one_out = False
     cfg.data, cfg.synth = copy.deepcopy(base.data), copy.deepcopy(base.synth)
-    m = base.model
-    cfg.embed.checkpoint, cfg.embed.bias_routing = m.checkpoint, m.bias_routing
-    cfg.embed.embed_dim, cfg.embed.depth, cfg.embed.num_heads = m.embed_dim, m.depth, m.num_heads
-    cfg.embed.seed = base.train.seed  # random weights: the very encoder the fine-tunes start from
+    cfg.embed.encoder = copy.deepcopy(base.model.encoder)  # the very encoder the fine-tunes start from
     cfg.embed.use_gpu = "auto" if base.run.use_gpu else "no"
     cfg.run.output_dir, cfg.run.name = str(out), "baseline"
     cfg.tracking.tracking_uri, cfg.tracking.experiment = uri, experiment
@@ -224,7 +221,8 @@ def run_sweep(sweep: SweepConfig, restart: bool = False) -> dict:
     from ray import tune
 
     from camae.cluster import check_cpus, check_outputs, connect
-    from camae.data import prepare_dataset, split_fingerprint
+    from camae.data import prepare_dataset
+    from camae.identity import split_identity
     from camae.tracking import end_run, flatten, log_metrics, resolve_tracking_uri, start_run
 
     base_dict, base = resolve(sweep)
@@ -236,20 +234,22 @@ def run_sweep(sweep: SweepConfig, restart: bool = False) -> dict:
     state_file = out / "sweep.json"
     resolved = {"sweep": to_dict(sweep), "base": base_dict}
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    uri = resolve_tracking_uri(base.tracking.tracking_uri, Path(base.run.output_dir).resolve())
+    if state:
+        check_saved_store(state, uri, state_file)
     if state and state["resolved"] != resolved:
         raise ConfigError(f"{out} holds a sweep with another config; rerun with --restart to start over, or set "
                           "name to a new sweep")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # reports block this long (local clusters)
     connect()
     check_cpus(max(1, base.run.num_workers), base.run.cpus_per_worker)
-    uri = resolve_tracking_uri(base.tracking.tracking_uri, Path(base.run.output_dir).resolve())
     stored = sweep_storage(sweep, base, out)
     check_outputs(stored, uri)
     table, _ = prepare_dataset(base.data, base.synth, out)
-    split = split_fingerprint(table)
+    split = split_identity(table)
     experiment = sweep.experiment or base.tracking.experiment
     if "parent_run_id" not in state:
-        state = {"resolved": resolved, "parent_run_id": start_run(
+        state = {"resolved": resolved, "tracking_uri": uri, "parent_run_id": start_run(
             uri, experiment, sweep.name, flatten({"sweep": to_dict(sweep.sweep), "base": base_dict}),
             {"camae.kind": "sweep", "camae.split": split, "camae.sweep": sweep.name})}
         state_file.write_text(json.dumps(state, indent=2) + "\n")
@@ -271,6 +271,23 @@ def run_sweep(sweep: SweepConfig, restart: bool = False) -> dict:
     log_metrics(uri, parent, {k: v for k, v in summary.items() if isinstance(v, float)}, step=0)
     end_run(uri, parent)
     return summary
+
+
+def check_saved_store(state: dict, uri: str, state_file: Path) -> None:
+    """A sweep's saved state belongs to one MLflow store: its parent and trial runs live there. Resuming against
+    another store (a new MLFLOW_TRACKING_URI, a deleted mlflow.db) is refused with the way out, not a traceback."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    saved = state.get("tracking_uri")
+    if saved != uri:
+        raise ConfigError(f"{state_file} belongs to the MLflow store {saved}, not {uri}; rerun with --restart to start "
+                          "this sweep over in the current store, or point tracking back at the old one")
+    try:
+        MlflowClient(uri).get_run(state["parent_run_id"])
+    except MlflowException as err:
+        raise ConfigError(f"the sweep's parent run {state['parent_run_id']} is not in {uri} (was the store deleted?); "
+                          "rerun with --restart to start this sweep over") from err
 
 
 def sweep_storage(sweep: SweepConfig, base: FinetuneConfig, out: Path) -> str:
@@ -365,6 +382,7 @@ def summarize(sweep: SweepConfig, rows: list[dict], out: Path, uri: str, parent:
                     "best_params": {k.removeprefix("param/"): v for k, v in params.items() if k.startswith("param/")}}
         if "test/accuracy" in best and not pd.isna(best["test/accuracy"]):
             summary["best/test/accuracy"] = float(best["test/accuracy"])
+            summary["chance/test/accuracy"] = float(best["test/chance_accuracy"])
     if len(probes):
         top = probes.iloc[0]
         summary |= {"baseline_run": top["run"], f"baseline/{metric}": float(top[metric])}
@@ -406,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     if gap is not None:
         print(f"\nbest fine-tune {summary['best_run']} vs best probe baseline {summary['baseline_run']}: "
               f"{'+' if gap >= 0 else ''}{gap:.3f} {sweep.sweep.metric}")
+    if "chance/test/accuracy" in summary:
+        print(f"chance on the test plates: {summary['chance/test/accuracy']:.3f} accuracy (the most common class)")
     print("\n" + ui_command(summary["tracking_uri"]))
     return 0
 

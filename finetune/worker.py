@@ -40,7 +40,7 @@ SCHEDULE_UNITS = 1000  # learning-rate schedule resolution per epoch
 
 def build_model(cfg: FinetuneConfig, num_classes: int) -> tuple[torch.nn.Module, MAEModel]:
     """The trainable model for cfg.train.mode, and the base model it started from (for the export)."""
-    base = base_model(cfg.model)
+    base = base_model(cfg.model.encoder)
     model = MAEClassifier.from_mae(base, num_classes, cfg.model.pool, cfg.model.head_dropout, cfg.model.head_norm)
     model.encoder.set_drop_path(0.0 if cfg.train.mode == "linear" else cfg.model.drop_path_rate)
     model.encoder.grad_checkpointing = cfg.model.grad_checkpointing

@@ -221,8 +221,7 @@ def test_embed_matches_the_model_and_resumes_per_file(ray_session, tmp_path):
     assert sorted(meta["sample_id"]) == sorted(table["sample_id"]) and X.shape == (len(table), 32)
 
     # exact against the model: each 512x512 site's four 256x256 tiles, embedded together and averaged
-    torch.manual_seed(cfg.embed.seed)
-    model = base_model(cfg.embed).eval()
+    model = base_model(cfg.embed.encoder).eval()
     row = table.iloc[7]
     site = torch.from_numpy(load_site(row.to_dict(), cfg.data))
     tiles = torch.stack([site[:, y:y + 256, x:x + 256] for y in (0, 256) for x in (0, 256)])
@@ -241,8 +240,8 @@ def test_embed_matches_the_model_and_resumes_per_file(ray_session, tmp_path):
     assert stamps == {f.name: f.stat().st_mtime_ns for f in out.glob("part-*.parquet") if f != victim}
     np.testing.assert_array_equal(load_embeddings(out)[1], X)
 
-    cfg.embed.depth = 3  # another encoder must not be mixed into these files
-    with pytest.raises(ValueError, match="holds embeddings made with other settings \\(random_weights differ\\)"):
+    cfg.embed.encoder.depth = 3  # another encoder must not be mixed into these files
+    with pytest.raises(ValueError, match="holds embeddings made with other settings \\(encoder.random.depth differ\\)"):
         embed_table(table, cfg.data, cfg.embed, out)
 
 
@@ -283,10 +282,10 @@ def test_evaluate_job_logs_probes_beside_finetunes(ray_session, small, tmp_path,
 
 @pytest.mark.gpu
 def test_embedder_actor_on_gpu_matches_cpu():
-    from camae.config import EmbedConfig
+    from camae.config import EmbedConfig, EncoderSpec
     from evaluation.embed import Embedder
 
-    cfg = EmbedConfig(embed_dim=32, depth=2, num_heads=2, precision="fp32")
+    cfg = EmbedConfig(EncoderSpec(embed_dim=32, depth=2, num_heads=2), precision="fp32")
     rng = np.random.default_rng(0)
     batch = {"image": rng.integers(0, 256, (4, 3, 256, 256), dtype=np.uint8), "sample_id": np.arange(4).astype(str),
              "tile": np.zeros(4, np.int64), "n_tiles": np.ones(4, np.int64)}

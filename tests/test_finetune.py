@@ -22,7 +22,8 @@ from camae.data import TRAIN_COLUMNS, LabelMap, build_dataset, read_table
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "finetune" / "quickstart.yaml"
-TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "data.channels=[nuclei, er, mito]",
+TINY = ["model.encoder.embed_dim=32", "model.encoder.depth=2", "model.encoder.num_heads=2",
+        "data.channels=[nuclei, er, mito]",
         "synth.effect_size=4", "synth.classes=2", "train.lr=3e-3", "tracking.log_model=false"]
 
 
@@ -211,7 +212,7 @@ def test_full_mode_decays_the_learning_rate_by_layer(tmp_path):
     """timm's layer decay through the classifier's group_matcher: head 1, block i scale**(depth - i), stem last."""
     from finetune.worker import build_model, build_optimizer
 
-    cfg = config(tmp_path, tmp_path / "none", "train.mode=full", "train.layer_decay=0.5", "model.depth=3")
+    cfg = config(tmp_path, tmp_path / "none", "train.mode=full", "train.layer_decay=0.5", "model.encoder.depth=3")
     model, _ = build_model(cfg, 3)
     optimizer, _ = build_optimizer(model, cfg)
     names = {id(p): n for n, p in model.named_parameters()}

@@ -117,3 +117,28 @@ def test_sweep_interrupted_resumes_and_nests_runs_beside_the_baseline(ray_sessio
 
     assert main(args) == 0  # once more: nothing left to run, the baseline is reused
     assert len(client.search_runs([exp], "tags.`camae.kind` = 'probe'")) == 3
+
+
+@pytest.mark.parametrize("store", ["another", "deleted"])
+def test_saved_sweep_against_another_mlflow_store_is_one_line(tmp_path, monkeypatch, capsys, store):
+    """sweep.json names its store: rerunning against another one (or after mlflow.db was deleted) is refused with
+    the --restart advice, not a raw `Run with id=... not found`."""
+    from camae.tracking import resolve_tracking_uri, start_run
+    from finetune.tune import main
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = resolve_tracking_uri(None, tmp_path)  # the sweep's default store: <output_dir>/mlflow.db
+    other = resolve_tracking_uri(None, tmp_path / "other")
+    saved = other if store == "another" else first
+    run = start_run(saved, "camae-quickstart", "old-sweep", {}, {"camae.kind": "sweep"})
+    if store == "deleted":
+        run = "0123456789abcdef0123456789abcdef"
+    out = tmp_path / "test-sweep"
+    out.mkdir()
+    (out / "sweep.json").write_text(json.dumps({"resolved": {}, "tracking_uri": saved, "parent_run_id": run}))
+    assert main(["--config", str(TUNE / "quickstart.yaml"), *sweep_args(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("sweep: error:") and "rerun with --restart" in err
+    assert (f"belongs to the MLflow store {saved}, not {first}" in err) == (store == "another")
+    assert ("is not in" in err) == (store == "deleted")
