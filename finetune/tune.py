@@ -46,7 +46,8 @@ from camae.config import (
 log = logging.getLogger("camae.sweep")
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
-SHOWN = ["run", "kind", "mode", "correction", "val/accuracy", "test/accuracy", "test/chance_accuracy",
+SHOWN = ["run", "kind", "mode", "correction", "val/accuracy", "test/accuracy", "test/accuracy_ci_low",
+         "test/accuracy_ci_high", "test/chance_accuracy",
          "test/macro_f1", "test/balanced_accuracy", "test/chance_balanced_accuracy"]
 
 

@@ -212,3 +212,20 @@ def test_consistency_map_equals_copairs(tmp_path):
     np.testing.assert_allclose(table["map"], ref["mean_average_precision"], atol=1e-12)
     np.testing.assert_array_equal(table["p_value"], ref["p_value"])
     assert overall["consistency_map"] == pytest.approx(ref["mean_average_precision"].mean())
+
+
+def test_accuracy_interval_and_chance_levels():
+    """The bootstrap interval brackets the accuracy and narrows with more sites; chance is the majority class."""
+    from camae.metrics import classification_metrics
+
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (60, 6000):
+        y = rng.integers(0, 3, n) * (rng.random(n) < 0.8)  # class 0 most common
+        pred = np.where(rng.random(n) < 0.7, y, (y + 1) % 3)
+        m = classification_metrics(y, pred, "test")
+        assert m["test/accuracy_ci_low"] < m["test/accuracy"] < m["test/accuracy_ci_high"]
+        assert m["test/chance_accuracy"] == pytest.approx(np.bincount(y).max() / n)
+        assert m["test/chance_balanced_accuracy"] == pytest.approx(1 / 3)
+        widths.append(m["test/accuracy_ci_high"] - m["test/accuracy_ci_low"])
+    assert widths[1] < widths[0] / 5  # ~1/sqrt(n): 10x narrower for 100x the sites
