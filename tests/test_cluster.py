@@ -190,7 +190,7 @@ def test_sweep_job_spreads_trials_over_both_nodes(services):
     (evaluation,) = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and "
                                                "tags.`camae.kind` = 'evaluation'")
     probes = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{evaluation.info.run_id}'")
-    assert len(probes) == 3  # logistic x (raw, pca_centerscale, tvn)
+    assert len(probes) == 4  # logistic x (raw, pca_centerscale, tvn, harmony)
     keys = s["store"].keys("sweeps/cluster-sweep/")
     assert any(k.startswith("sweeps/cluster-sweep/tune/") for k in keys)
     assert sum(k.endswith("/summary.json") and "/trials/" in k for k in keys) == 2

@@ -104,11 +104,11 @@ def test_sweep_interrupted_resumes_and_nests_runs_beside_the_baseline(ray_sessio
     (evaluation,) = [r for r in children if r.data.tags.get("camae.kind") == "evaluation"]
     probes = client.search_runs([exp], f"tags.`camae.kind` = 'probe' and tags.`mlflow.parentRunId` = "
                                        f"'{evaluation.info.run_id}'")
-    assert sorted(r.data.tags["camae.correction"] for r in probes) == ["pca_centerscale", "raw", "tvn"]
+    assert sorted(r.data.tags["camae.correction"] for r in probes) == ["harmony", "pca_centerscale", "raw", "tvn"]
     assert {r.data.tags["camae.split"] for r in probes + finished} == {parent.data.tags["camae.split"]}
 
     table = pd.read_csv(out / "comparison.csv")
-    assert sorted(table["kind"]) == ["finetune"] * 2 + ["probe"] * 3
+    assert sorted(table["kind"]) == ["finetune"] * 2 + ["probe"] * 4
     assert table["val/accuracy"].is_monotonic_decreasing
     assert "gap/val/accuracy" in summary and "baseline/val/accuracy" in parent.data.metrics
     MAEModel.from_pretrained(summary["best_export"])  # the best trial, in the official format
@@ -116,7 +116,7 @@ def test_sweep_interrupted_resumes_and_nests_runs_beside_the_baseline(ray_sessio
     assert {"comparison.md", "comparison.csv", "best_export"} <= artifacts
 
     assert main(args) == 0  # once more: nothing left to run, the baseline is reused
-    assert len(client.search_runs([exp], "tags.`camae.kind` = 'probe'")) == 3
+    assert len(client.search_runs([exp], "tags.`camae.kind` = 'probe'")) == 4
 
 
 @pytest.mark.parametrize("store", ["another", "deleted"])
