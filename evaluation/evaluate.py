@@ -120,19 +120,18 @@ def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None) -> dict:
 
     from camae.data import prepare_dataset
     from camae.identity import split_identity
-    from camae.tracking import active_run, baseline_key, end_run, flatten, log_metrics, resolve_tracking_uri, start_run
+    from camae.tracking import active_run, baseline_key, end_run, flatten, log_metrics, start_run
 
     out = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
     table, labels = prepare_dataset(cfg.data, cfg.synth, out)
     save_config(cfg, out / "config.yaml")
-    connect()
-    meta, arrays, embedded = embed(cfg, table, cfg.embed.output or str(out / "embeddings"))
+    output, uri = join_cluster(cfg, out)
+    meta, arrays, embedded = embed(cfg, table, output)
     y = labels.encode(meta["label"])
     split_id = split_identity(table)
     tags = {"camae.split": split_id, "camae.baseline_key": baseline_key(cfg, split_id),
             "camae.encoder": cfg.embed.encoder.checkpoint or "random", "camae.dataset": Path(cfg.data.root).name,
             "camae.channels": ",".join(cfg.data.channels)}
-    uri = resolve_tracking_uri(cfg.tracking.tracking_uri, Path(cfg.run.output_dir).resolve())
     params = flatten(to_dict(cfg))
     parent = start_run(uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.run.name, params,
                        tags | {"camae.kind": "evaluation"}, parent_run_id=parent_run_id)
@@ -254,14 +253,28 @@ def leave_one_out(cfg: EvaluateConfig, out: Path, table: pd.DataFrame, meta: pd.
 # Entry points
 
 
+def join_cluster(cfg: EvaluateConfig, out: Path) -> tuple[str, str]:
+    """Join the Ray cluster and check, before any actor starts, that every node can reach the embedding output
+    (decode tasks on any node write skip logs there) and that the MLflow store answers; returns both."""
+    from camae import storage
+    from camae.cluster import check_outputs
+    from camae.tracking import resolve_tracking_uri
+
+    connect()
+    output = storage.resolve(cfg.embed.output or out / "embeddings")
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri, Path(cfg.run.output_dir).resolve())
+    check_outputs(output, uri, "embed.output")
+    return output, uri
+
+
 def run_embed(cfg: EvaluateConfig) -> dict:
     """Only the embedding pass (`camae embed`)."""
     from camae.data import prepare_dataset
 
     out = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
     table, _ = prepare_dataset(cfg.data, cfg.synth, out)
-    connect()
-    return asdict(embed_table(table, cfg.data, cfg.embed, cfg.embed.output or str(out / "embeddings")))
+    output, _ = join_cluster(cfg, out)
+    return asdict(embed_table(table, cfg.data, cfg.embed, output))
 
 
 def main(argv: list[str] | None = None, only_embed: bool = False) -> int:

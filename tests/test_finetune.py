@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from services import free_port
 
 from camae import MAEModel
 from camae.classifier import MAEClassifier
@@ -124,29 +124,11 @@ def test_cli_reports_config_errors(capsys):
     assert "unknown config key 'train.mod'; did you mean 'train.mode'" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stop_cluster(temp_dir: str, port: int) -> None:
     """Stop only the cluster started with --temp-dir=temp_dir (`ray stop` would also kill this process's Ray)."""
-    import psutil
+    from services import kill_tree
 
-    victims = {}
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if proc.pid != os.getpid() and (temp_dir in cmdline or f":{port} " in f"{cmdline} "):
-            # its agents retitle themselves (ray::DashboardAgent), so take whole process trees
-            for p in [proc, *proc.children(recursive=True)]:
-                victims[p.pid] = p
-    for proc in victims.values():
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(list(victims.values()), timeout=30)
+    kill_tree(lambda cmd: temp_dir in cmd or f":{port} " in cmd)
     current = Path("/tmp/ray/ray_current_cluster")  # `ray start` points later ray.init() calls at its head
     if current.is_file() and str(port) in current.read_text():
         current.unlink()
@@ -163,7 +145,7 @@ def test_ray_job_submit_against_a_local_head(tmp_path):
            "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    port, dash, agent, client = _free_port(), _free_port(), _free_port(), _free_port()
+    port, dash, agent, client = free_port(), free_port(), free_port(), free_port()
     try:
         subprocess.run(["ray", "start", "--head", "--num-cpus=2", f"--port={port}", f"--dashboard-port={dash}",
                         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
