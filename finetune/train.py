@@ -27,6 +27,7 @@ from camae.config import ConfigError, FinetuneConfig, job_parser, load_config, s
 from finetune.worker import (
     CKPT_METRICS,
     CKPT_STATE,
+    EpochLogger,
     build_model,
     predict,
     rank_local_checkpoints,
@@ -124,6 +125,7 @@ def make_trainer(cfg: FinetuneConfig, where: JobPlaces, table, labels, run_id: s
                                     columns=TRAIN_COLUMNS, skip_log=storage.join(where.state_dir, "skipped"))
                 for name in ("train", "val")}
     path, filesystem = storage.ray_storage(where.storage_path)
+    callbacks = [*(callbacks or []), EpochLogger(where.tracking_uri, run_id, cfg.train.epochs)]
     ranking = CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints, checkpoint_score_order=cfg.run.checkpoint_mode,
                                checkpoint_score_attribute=cfg.run.checkpoint_metric)
     return TorchTrainer(

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ray.train import UserCallback
 
 from camae.classifier import MAEClassifier, base_model
 from camae.config import FinetuneConfig, from_dict
@@ -188,7 +189,9 @@ def train_fn_per_worker(config: dict) -> None:
     model = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    tracker = MetricBuffer(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    # With Ray workers, EpochLogger logs each epoch on the controller once its checkpoint is registered; in-process
+    # runs (num_workers=0) get no callbacks, so rank 0 logs there
+    tracker = MetricBuffer(config["tracking_uri"], config["run_id"]) if in_process else None
     for epoch in range(start_epoch, cfg.train.epochs):
         if rank == 0:
             _maybe_inject_fault(cfg, epoch, config["state_dir"])
@@ -208,8 +211,9 @@ def train_fn_per_worker(config: dict) -> None:
             ckpt_dir = _write_checkpoint(base, unwrap(model), optimizer, scheduler, epoch, step, metrics,
                                          config["labels"])
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
+        if tracker is not None:
+            tracker.log(metrics, step=epoch)
         if rank == 0:
-            tracker.log(metrics, step=epoch)  # after the report: a logged epoch is a committed one
             print(f"[camae] epoch {epoch + 1}/{cfg.train.epochs}  train/loss {loss:.4f}  val/loss {val_loss:.4f}  "
                   f"val/accuracy {metrics['val/accuracy']:.3f}  {metrics['train/images_per_s']:.1f} img/s",
                   flush=True)
@@ -219,6 +223,27 @@ def train_fn_per_worker(config: dict) -> None:
                 shutil.rmtree(Path(ckpt_dir).parent, ignore_errors=True)  # persisted by Ray Train: drop the copy
     if tracker is not None:
         tracker.flush()
+
+
+class EpochLogger(UserCallback):
+    """A Ray Train callback on the controller: logs each epoch's metrics (rank 0's report) to the MLflow run once
+    the controller has registered that epoch's checkpoint. A worker that dies after its report but before the
+    controller collected it loses the epoch, which then runs again: logging from the worker would record that
+    epoch twice (seen on a killed node), logging here records each committed epoch once, with continuous steps,
+    in the one run. Queued through MetricBuffer, so a tracking-server outage loses nothing."""
+
+    def __init__(self, tracking_uri: str, run_id: str, epochs: int):
+        self.tracking_uri, self.run_id, self.epochs = tracking_uri, run_id, epochs
+        self.buffer = None
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        from camae.tracking import MetricBuffer
+
+        self.buffer = self.buffer or MetricBuffer(self.tracking_uri, self.run_id)
+        epoch = int(metrics[0]["epoch"])
+        self.buffer.log({k: v for k, v in metrics[0].items() if isinstance(v, int | float)}, step=epoch)
+        if epoch == self.epochs - 1:
+            self.buffer.flush()
 
 
 def _tag_placement(config: dict, rank: int, world: int, start_epoch: int) -> None:

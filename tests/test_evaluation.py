@@ -181,7 +181,8 @@ def test_probe_metrics_use_finetuning_names(kind):
     split = np.array(["train", "val", "test"] * 30)
     metrics, predictions = run_probe(kind, X, y, split, ProbeConfig())
     assert set(metrics) == {f"{s}/{m}" for s in ("train", "val", "test")
-                            for m in ("accuracy", "macro_f1", "balanced_accuracy")}
+                            for m in ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "macro_f1",
+                                      "balanced_accuracy", "chance_accuracy", "chance_balanced_accuracy")}
     assert metrics["test/accuracy"] > 0.9 and len(predictions["test"][0]) == 30
     with pytest.raises(ValueError, match="at least two classes"):
         run_probe(kind, X, np.zeros(90, int), split, ProbeConfig())
