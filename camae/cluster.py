@@ -53,10 +53,11 @@ def check_outputs(storage_path: str, tracking_uri: str, storage_key: str = "run.
     from camae.tracking import check_tracking
 
     check_tracking(tracking_uri)
-    if len(alive_nodes()) < 2 and not storage.is_uri(storage_path):
+    multi_node = len(alive_nodes()) > 1
+    if not multi_node and not storage.is_uri(storage_path):
         return  # one node: a local path is shared by definition (object stores are still checked below)
     storage.check_shared(storage_path, storage_key)
-    if tracking_uri.startswith("sqlite:///") and len(alive_nodes()) > 1:
+    if tracking_uri.startswith("sqlite:///") and multi_node:
         db_dir = os.path.dirname(tracking_uri.removeprefix("sqlite:///"))
         try:
             storage.check_shared(db_dir, "tracking.tracking_uri")

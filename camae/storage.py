@@ -71,11 +71,6 @@ def exists(location: str | os.PathLike) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def makedirs(location: str | os.PathLike) -> None:
-    fs, path = filesystem(location)
-    fs.create_dir(path, recursive=True)
-
-
 def write_bytes(location: str | os.PathLike, data: bytes) -> None:
     """Write a whole file (object stores: one PUT, so readers never see half of it)."""
     fs, path = filesystem(location)
@@ -138,13 +133,15 @@ def check_shared(location: str | os.PathLike, key: str) -> None:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from camae.cluster import alive_nodes
+
     marker = join(location, f".camae-shared-check-{uuid.uuid4().hex}")
     try:
         write_text(marker, "written by the camae driver\n")
     except (OSError, ConfigError) as err:
         raise ConfigError(f"{key}={location}: cannot write there from the driver ({err}); check the path, the "
                           "bucket and the credentials (AWS_* variables in the job's runtime env)") from err
-    nodes = [n for n in ray.nodes() if n["Alive"]]
+    nodes = alive_nodes()
     probe = ray.remote(num_cpus=0)(_visible)
     try:
         answers = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))

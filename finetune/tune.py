@@ -316,6 +316,7 @@ def _tune(sweep: SweepConfig, base: FinetuneConfig, base_dict: dict, stored: str
                                grace_period=sweep.sweep.scheduler.grace_period,
                                reduction_factor=sweep.sweep.scheduler.reduction_factor)
                  if s.scheduler.kind == "asha" else FIFOScheduler())
+    tune_path, tune_fs = storage.ray_storage(stored)
     tuner = tune.Tuner(
         trainable,
         param_space={"params": parse_space(s.search_space)},
@@ -323,8 +324,7 @@ def _tune(sweep: SweepConfig, base: FinetuneConfig, base_dict: dict, stored: str
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=scheduler,
                                     search_alg=BasicVariantGenerator(max_concurrent=concurrency(sweep, base),
                                                                      random_state=s.seed)),
-        run_config=tune.RunConfig(name="tune", storage_path=storage.ray_storage(stored)[0],
-                                  storage_filesystem=storage.ray_storage(stored)[1], verbose=1),
+        run_config=tune.RunConfig(name="tune", storage_path=tune_path, storage_filesystem=tune_fs, verbose=1),
     )
     return tuner.fit()
 
