@@ -2,7 +2,9 @@
 
     camae demo [--checkpoint DIR] [--out outputs/demo]   embed synthetic images with OpenPhenom (or random weights)
     camae info DIR                                       describe and strictly check an OpenPhenom directory
-    camae synth --out DIR [--config F] [--set k=v ...]   write synthetic Cell Painting plates (RxRx1 layout)
+    camae synth --out DIR [--config F] [--set k=v ...]   write synthetic Cell Painting plates (RxRx1 layout, or
+                                                         RxRx3-core's with --set layout=rxrx3_core)
+    camae pack --config DATA --out DIR|URI [--set k=v]   pack any layout into Parquet shards (data.format: packed)
     camae finetune --config F [--set k=v ...]            fine-tune with Ray Train (= python -m finetune.train)
     camae sweep --config F [--set k=v ...]               Ray Tune sweep of fine-tunes (= python -m finetune.tune)
     camae embed --config F [--set k=v ...]               embed plates into Parquet (Ray Data actor pool)
@@ -111,9 +113,23 @@ def synth(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     meta = generate(args.out, cfg)
     seconds = time.perf_counter() - start
-    return {"out": str(Path(args.out).resolve()), "sites": len(meta), "plates": int(meta.groupby(
-            ["experiment", "plate"]).ngroups), "images": len(meta) * 6, "seconds": round(seconds, 1),
-            "sites_per_s": round(len(meta) / seconds, 1)}
+    return {"out": str(Path(args.out).resolve()), "layout": cfg.layout, "sites": len(meta),
+            "plates": int(meta.groupby(["experiment_name" if cfg.layout == "rxrx3_core" else "experiment",
+                                        "plate"]).ngroups),
+            "images": len(meta) * 6, "seconds": round(seconds, 1), "sites_per_s": round(len(meta) / seconds, 1)}
+
+
+def pack(args: argparse.Namespace) -> dict:
+    """Pack the dataset a data config (--config, DataConfig keys) describes into Parquet shards at --out."""
+    from dataclasses import asdict
+
+    from camae.cluster import connect
+    from camae.config import DataConfig
+    from camae.shards import pack as pack_shards
+
+    cfg = load_config(DataConfig, args.config, args.set)
+    connect()
+    return asdict(pack_shards(cfg, args.out, shard_mb=args.shard_mb, rows_per_group=args.rows_per_group))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML with SynthConfig keys")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     p.set_defaults(func=synth)
+    p = sub.add_parser("pack", help="pack a dataset into Parquet shards of uint8 sites (read with data.format: "
+                                    "packed, from a path or s3://)")
+    p.add_argument("--config", required=True, help="a data config YAML (DataConfig keys: format, root, channels...)")
+    p.add_argument("--out", required=True, help="a directory or URI (s3://bucket/prefix)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a data setting")
+    p.add_argument("--shard-mb", type=float, default=256, help="target shard size in MiB of pixels (default 256)")
+    p.add_argument("--rows-per-group", type=int, default=32,
+                   help="sites per Parquet row group = per decode task when reading (default 32)")
+    p.set_defaults(func=pack)
     sub.add_parser("finetune", help="fine-tune with Ray Train: camae finetune --config F [--set k=v ...]")
     sub.add_parser("sweep", help="Ray Tune sweep of fine-tunes beside probe baselines: camae sweep --config F")
     sub.add_parser("embed", help="embed plates into Parquet: camae embed --config F [--set k=v ...]")

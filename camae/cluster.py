@@ -65,3 +65,18 @@ def check_outputs(storage_path: str, tracking_uri: str, storage_key: str = "run.
             raise ConfigError(f"tracking.tracking_uri={tracking_uri} is a SQLite file that workers on other nodes "
                               "cannot reach; start an MLflow server (`mlflow server --serve-artifacts ...`) and set "
                               "tracking.tracking_uri=http://HOST:PORT") from err
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The camae error (bad data or config: a ValueError of a camae module) that made a Ray task fail, or None.
+    Ray Data hands the driver a RayTaskError(UserCodeException) whose cause no longer holds the original exception,
+    only its traceback text: the error is rebuilt from its last `camae.<module>.<Class>: message` line."""
+    import importlib
+    import re
+
+    found = re.findall(r"^(camae(?:\.\w+)+)\.(\w+): (.+)$", str(err), flags=re.MULTILINE)
+    if not found:
+        return None
+    module, name, message = found[-1]
+    cls = getattr(importlib.import_module(module), name, None)
+    return cls(message) if isinstance(cls, type) and issubclass(cls, ValueError) else None

@@ -31,13 +31,16 @@ class ConfigError(ValueError):
 class DataConfig:
     """Where a dataset lives, how its table is read, split and decoded."""
 
-    format: Literal["rxrx1", "jump", "manifest"] = "rxrx1"
+    format: Literal["rxrx1", "jump", "manifest", "packed", "rxrx3_core"] = "rxrx1"
     """Layout: "rxrx1" (metadata.csv + images/{experiment}/Plate{plate}/{well}_s{site}_w{n}.png), "jump" (a
-    JUMP load_data CSV/Parquet with FileName_Orig*/PathName_Orig* columns), or "manifest" (any CSV/Parquet
-    whose columns the fields below name)."""
+    JUMP load_data CSV/Parquet with FileName_Orig*/PathName_Orig* columns), "manifest" (any CSV/Parquet
+    whose columns the fields below name), "packed" (Parquet shards written by `camae pack`: uint8 sites with
+    their metadata; labels, plates and controls are as packed) or "rxrx3_core" (RxRx3-core as published:
+    metadata_rxrx3_core.csv + data/*.parquet with one JPEG 2000 channel image per row)."""
     root: str = "data/synthetic"
-    """rxrx1: the dataset directory. jump/manifest: the table file (CSV or Parquet); relative image paths in it
-    are resolved against the table's directory."""
+    """rxrx1 / rxrx3_core: the dataset directory. jump/manifest: the table file (CSV or Parquet); relative image
+    paths in it are resolved against the table's directory. packed: the directory `camae pack` wrote. packed and
+    rxrx3_core also take an object-store URI (s3://bucket/prefix)."""
     channels: list[str] = field(default_factory=lambda: ["nuclei", "er", "actin", "rna", "mito", "golgi"])
     """Channels to load, by name, in the order the model sees them. rxrx1 names: nuclei er actin rna mito
     golgi (w1..w6); jump names: the suffix of FileName_Orig<name> (DNA ER RNA AGP Mito); manifest: keys of
@@ -94,15 +97,22 @@ class DataConfig:
     on_error: Literal["raise", "skip"] = "raise"
     """A missing, unreadable or inconsistent image: stop with an error naming it, or skip the site, count it
     and report it (the skipped sites are written to skipped.jsonl beside the run's outputs)."""
+    jp2_decoder: Literal["pillow", "imagecodecs"] = "pillow"
+    """rxrx3_core: the JPEG 2000 decoder. Both wrap OpenJPEG and decode the same pixels; imagecodecs (pip install
+    imagecodecs) measured 1.1x Pillow per core (README, performance)."""
     decode_batch_size: int = 32
-    """Sites per Ray Data decode task. Best equal to the consumer's batch size: re-batching blocks of another
-    size costs a copy (measured: 16 into 32 ran at 0.7x of 32 into 32)."""
+    """Sites per Ray Data decode task (packed data: one row group per task, its size set by `camae pack`). Best
+    equal to the consumer's batch size: re-batching blocks of another size costs a copy (measured: 16 into 32 ran
+    at 0.7x of 32 into 32)."""
 
 
 @dataclass
 class SynthConfig:
     """Size and difficulty of the synthetic dataset."""
 
+    layout: Literal["rxrx1", "rxrx3_core"] = "rxrx1"
+    """Files written: RxRx1 (metadata.csv + one PNG per channel) or RxRx3-core as published (metadata_rxrx3_core.csv
+    + data/train-*.parquet shards of JPEG 2000 channel images, one site per well, gene and compound experiments)."""
     experiments: int = 2
     """Experiments (batches); each has its own shift on top of per-plate effects."""
     plates_per_experiment: int = 2

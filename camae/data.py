@@ -18,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from camae.config import ConfigError, DataConfig
 
 RXRX1_CHANNELS = {"nuclei": 1, "er": 2, "actin": 3, "rna": 4, "mito": 5, "golgi": 6}
 META_COLUMNS = ["sample_id", "plate", "batch", "well", "site", "label", "is_control"]
+SHARD_FORMATS = ("packed", "rxrx3_core")  # sites in Parquet shards, read by row group (camae.shards)
 TRAIN_COLUMNS = ["image", "label_index"]  # what a training loop needs; all numeric, so iter_torch_batches works
 
 
@@ -36,7 +38,10 @@ class DataError(ValueError):
 
 def read_table(cfg: DataConfig) -> pd.DataFrame:
     """The dataset table for cfg.format, checked: every chosen channel present, labels and keys not missing."""
-    reader = {"rxrx1": _read_rxrx1, "jump": _read_jump, "manifest": _read_manifest}[cfg.format]
+    from camae.shards import read_packed_table
+
+    reader = {"rxrx1": _read_rxrx1, "jump": _read_jump, "manifest": _read_manifest, "packed": read_packed_table,
+              "rxrx3_core": _read_rxrx3_core}[cfg.format]
     table = reader(cfg)
     for col in ("label", "plate", "well", "site"):
         missing = table[col].isna()
@@ -54,8 +59,22 @@ def read_table(cfg: DataConfig) -> pd.DataFrame:
     if duplicated.any():
         raise DataError(f"site {table['sample_id'][duplicated].iloc[0]} appears twice in the table; each row must "
                         "be one imaged site (plate, well, site)")
-    paths = ["path"] if cfg.image_column else [f"path_{c}" for c in cfg.channels]
-    return table[META_COLUMNS + paths + list(cfg.extra_columns)].reset_index(drop=True)
+    return table[META_COLUMNS + where_columns(cfg) + list(cfg.extra_columns)].reset_index(drop=True)
+
+
+def location_columns(columns) -> list[str]:
+    """The columns of a dataset table that say where images are (not metadata), in any layout."""
+    return [c for c in columns if c in ("path", "shard", "row", "row_group") or c.startswith(("path_", "shard_",
+                                                                                                  "row_"))]
+
+
+def where_columns(cfg: DataConfig) -> list[str]:
+    """The table columns that say where a site's images are, for cfg.format."""
+    if cfg.format == "packed":
+        return ["shard", "row", "row_group"]
+    if cfg.format == "rxrx3_core":
+        return [f"{kind}_{c}" for c in cfg.channels for kind in ("shard", "row")]
+    return ["path"] if cfg.image_column else [f"path_{c}" for c in cfg.channels]
 
 
 def _read_any(path: Path) -> pd.DataFrame:
@@ -130,6 +149,36 @@ def _read_manifest(cfg: DataConfig) -> pd.DataFrame:
     out = _common(df, cfg, cfg.plate_column, cfg.well_column, cfg.site_column, str(table))
     for name in cfg.channels:
         out[f"path_{name}"] = [str(_resolve(table.parent, Path(str(p)))) for p in df[cfg.channel_columns[name]]]
+    return out
+
+
+def _read_rxrx3_core(cfg: DataConfig) -> pd.DataFrame:
+    """metadata_rxrx3_core.csv (one site per well) joined to where each channel image is in the shards: `shard_<c>`
+    and `row_<c>` per channel ("" and -1 where the shards lack it: that site fails to decode, per on_error)."""
+    from camae import storage
+    from camae.shards import rxrx3_key_index
+
+    unknown = [c for c in cfg.channels if c not in RXRX1_CHANNELS]
+    if unknown:
+        raise ConfigError(f"data.channels has {unknown}, not RxRx3-core channels; choose from {list(RXRX1_CHANNELS)}")
+    where = storage.join(cfg.root, "metadata_rxrx3_core.csv")
+    if not storage.exists(where):
+        raise DataError(f"{where} does not exist; point data.root at the RxRx3-core directory (downloaded by you, "
+                        "or written by `camae synth --set layout=rxrx3_core`)")
+    fs, path = storage.filesystem(where)
+    with fs.open_input_stream(path) as f:
+        df = pd.read_csv(f)
+    if cfg.site_column not in df.columns:
+        df[cfg.site_column] = 1  # RxRx3-core images one site per well
+    _require_columns(df, ["experiment_name", "plate", "address"], where)
+    out = _common(df, cfg, cfg.plate_column, cfg.well_column, cfg.site_column, where)
+    out["plate"] = df["experiment_name"].astype(str) + "_P" + df["plate"].astype(str)
+    index = rxrx3_key_index(cfg.root)
+    stem = df["experiment_name"].astype(str) + "/Plate" + df["plate"].astype(str) + "/" + df["address"].astype(str)
+    for name in cfg.channels:
+        found = index.reindex(stem + f"_s1_{RXRX1_CHANNELS[name]}")
+        out[f"shard_{name}"] = found["shard"].fillna("").to_numpy()
+        out[f"row_{name}"] = found["row"].fillna(-1).astype(np.int64).to_numpy()
     return out
 
 
@@ -259,6 +308,35 @@ def load_site(row: dict, cfg: DataConfig) -> np.ndarray:
     return np.stack(planes)
 
 
+def load_or_skip(row: dict, cfg: DataConfig, skipped: list[dict]) -> np.ndarray | None:
+    """load_site, or under on_error=skip None with the reason appended to `skipped`."""
+    try:
+        return load_site(row, cfg)
+    except DataError as err:
+        return skip_site(row["sample_id"], err, cfg, skipped)
+
+
+def skip_site(sample_id, err: DataError, cfg: DataConfig, skipped: list[dict]) -> None:
+    """A site that cannot be used: raise (on_error=raise), or record why and return None (on_error=skip)."""
+    if cfg.on_error == "raise":
+        raise err
+    skipped.append({"sample_id": str(sample_id), "error": str(err)})
+    return None
+
+
+def batch_sites(batch: dict[str, np.ndarray], cfg: DataConfig, skipped: list[dict]) -> list[np.ndarray | None]:
+    """uint8 [C, H, W] per table row of the batch (None: skipped, the reason appended to `skipped`)."""
+    from camae.shards import packed_sites, rxrx3_sites
+
+    if cfg.format == "packed":
+        return list(packed_sites(batch, cfg))
+    if cfg.format == "rxrx3_core":
+        got = rxrx3_sites(batch, cfg)
+        return [skip_site(sid, g, cfg, skipped) if isinstance(g, DataError) else g
+                for sid, g in zip(batch["sample_id"], got, strict=True)]
+    return [load_or_skip({k: v[i] for k, v in batch.items()}, cfg, skipped) for i in range(len(batch["sample_id"]))]
+
+
 def crops(image: np.ndarray, cfg: DataConfig, train: bool, rng: np.random.Generator) -> list[np.ndarray]:
     """The crops of one site: a random one (train), the centre one, or all non-overlapping tiles."""
     _, H, W = image.shape
@@ -292,21 +370,15 @@ def decode_batch(batch: dict[str, np.ndarray], cfg: DataConfig, train: bool, lab
     rng = np.random.default_rng()
     n = len(batch["sample_id"])
     images, keep, tiles, skipped = [], [], [], []
-    for i in range(n):
-        row = {k: v[i] for k, v in batch.items()}
-        try:
-            site = load_site(row, cfg)
-        except DataError as err:
-            if cfg.on_error == "raise":
-                raise
-            skipped.append({"sample_id": str(row["sample_id"]), "error": str(err)})
+    for i, site in enumerate(batch_sites(batch, cfg, skipped)):
+        if site is None:
             continue
         for t, crop in enumerate(crops(site, cfg, train, rng)):
             images.append(drop_channels(crop, cfg.channel_dropout, rng) if train else crop)
             keep.append(i)
             tiles.append(t)
     if skipped:
-        _log_skipped(skipped, skip_log)
+        log_skipped(skipped, skip_log)
     out = {k: v[keep] for k, v in batch.items() if k in META_COLUMNS or k in cfg.extra_columns}
     shape = (0, len(cfg.channels), cfg.crop_size, cfg.crop_size)
     out["image"] = np.stack(images) if images else np.zeros(shape, dtype=np.uint8)
@@ -317,7 +389,7 @@ def decode_batch(batch: dict[str, np.ndarray], cfg: DataConfig, train: bool, lab
     return out if columns is None else {k: out[k] for k in columns}
 
 
-def _log_skipped(records: list[dict], skip_log: str | None) -> None:
+def log_skipped(records: list[dict], skip_log: str | None) -> None:
     """Decode tasks run on any node: the log is a directory or URI every node writes to (camae.storage)."""
     from camae import storage
 
@@ -341,31 +413,65 @@ def skipped_report(skip_log: str | Path) -> pd.DataFrame:
 # Streams: Ray Data and torch
 
 
+def blocks(table: pd.DataFrame, cfg: DataConfig, train: bool, n_blocks: int | None = None) -> list[pd.DataFrame]:
+    """The table cut into decode tasks' inputs. Image files: `n_blocks` (default: decode_batch_size sites each)
+    contiguous parts, sites shuffled first for training. Packed: one row group per block, so a task reads exactly
+    the rows it decodes. RxRx3-core: decode_batch_size sites in shard order, so a task reads few row groups.
+    Training randomizes the block order (the consumer's local shuffle buffer mixes sites across blocks)."""
+    if cfg.format == "packed":
+        table = table.sort_values(["shard", "row"])
+        return [g.reset_index(drop=True) for _, g in table.groupby(["shard", "row_group"], sort=True)]
+    if cfg.format == "rxrx3_core":
+        first = cfg.channels[0]
+        table = table.sort_values([f"shard_{first}", f"row_{first}"])
+    elif train:
+        table = table.sample(frac=1.0, random_state=cfg.seed)
+    n = n_blocks or max(1, min(len(table), -(-len(table) // cfg.decode_batch_size)))
+    size = -(-len(table) // n)  # contiguous blocks: a consumer writing per-file outputs sees files complete
+    return [table.iloc[i:i + size].reset_index(drop=True) for i in range(0, len(table), size)]
+
+
 def build_dataset(table: pd.DataFrame, cfg: DataConfig, train: bool, label_map: LabelMap | None = None,
-                  skip_log: str | None = None, columns: list[str] | None = None, blocks: int | None = None):
-    """A streaming `ray.data.Dataset` of decoded crops. Only the table (paths and metadata) is in memory; images
-    are decoded in parallel tasks as the consumer pulls batches, so memory does not grow with the dataset.
-    With columns=TRAIN_COLUMNS it feeds `iter_torch_batches` (or `get_dataset_shard` in Ray Train workers);
-    with all columns (None), `iter_batches` / `map_batches` see the metadata too."""
+                  skip_log: str | None = None, columns: list[str] | None = None, n_blocks: int | None = None):
+    """A streaming `ray.data.Dataset` of decoded crops. Only the table (where the images are, and metadata) is in
+    memory; images are decoded in parallel tasks as the consumer pulls batches, so memory does not grow with the
+    dataset. With columns=TRAIN_COLUMNS it feeds `iter_torch_batches` (or `get_dataset_shard` in Ray Train
+    workers); with all columns (None), `iter_batches` / `map_batches` see the metadata too."""
     import functools
 
     import ray
 
-    if train:
-        table = table.sample(frac=1.0, random_state=cfg.seed)
-    n_blocks = blocks or max(1, min(len(table), -(-len(table) // cfg.decode_batch_size)))
-    size = -(-len(table) // n_blocks)  # contiguous blocks: a consumer writing per-file outputs sees files complete
-    parts = [table.iloc[i:i + size] for i in range(0, len(table), size)]
-    ds = ray.data.from_pandas([p.reset_index(drop=True) for p in parts if len(p)])
+    parts = blocks(table, cfg, train, n_blocks)
+    ds = ray.data.from_pandas(parts)
     if train:
         ds = ds.randomize_block_order(seed=cfg.seed)
     decode = functools.partial(decode_batch, cfg=cfg, train=train, label_map=label_map, skip_log=skip_log,
                                columns=columns)
-    ds = ds.map_batches(decode, batch_size=cfg.decode_batch_size, batch_format="numpy")
+    # Shard layouts: one block is one task's reads, kept whole (batch_size=None); image files: decode_batch_size
+    batch = None if cfg.format in SHARD_FORMATS else cfg.decode_batch_size
+    ds = ds.map_batches(decode, batch_size=batch, batch_format="numpy")
     # Ray Data reserves resources per operator; on small clusters (measured on 2 CPUs) that leaves this one-stage
     # pipeline decoding one batch at a time, half the DataLoader's speed. Without it, decoding uses every CPU.
     ds.context.op_resource_reservation_enabled = False
     return ds
+
+
+class BlockDataset(torch.utils.data.IterableDataset):
+    """The same blocks and decoding as `build_dataset`, for a torch DataLoader (an IterableDataset: each loader
+    worker decodes every num_workers-th block and yields its crops one by one)."""
+
+    def __init__(self, table: pd.DataFrame, cfg: DataConfig, train: bool, label_map: LabelMap | None = None,
+                 columns: list[str] | None = None):
+        self.parts = blocks(table, cfg, train)
+        self.cfg, self.train, self.label_map, self.columns = cfg, train, label_map, columns
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for part in self.parts[worker::workers]:
+            batch = decode_batch({c: part[c].to_numpy() for c in part.columns}, self.cfg, self.train,
+                                 self.label_map, columns=self.columns)
+            yield from ({k: v[i] for k, v in batch.items()} for i in range(len(batch["image"])))
 
 
 class SiteDataset:
@@ -395,7 +501,7 @@ def prepare_dataset(cfg: DataConfig, synth=None, run_dir: str | Path | None = No
     the split table are saved there (labels.json, splits.csv)."""
     from camae.synth import ensure_dataset
 
-    if synth is not None and cfg.format == "rxrx1" and ensure_dataset(cfg.root, synth):
+    if synth is not None and cfg.format == synth.layout and ensure_dataset(cfg.root, synth):
         import logging
 
         logging.getLogger("camae.data").info("wrote synthetic plates to %s (the config's synth section)", cfg.root)

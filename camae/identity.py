@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from camae import storage
+
 
 def digest(obj) -> str:
     """A short stable hash of a JSON-able object."""
@@ -54,7 +56,7 @@ def encoder_identity(spec) -> dict:
 
 def data_identity(data, channels: list[str] | None = None) -> dict:
     """What the images an encoder sees depend on (`data`: a DataConfig; `channels`: a subset, e.g. leave-one-out)."""
-    return {"root": str(Path(data.root).resolve()), "format": data.format, "channels": list(channels or data.channels),
+    return {"root": storage.resolve(data.root), "format": data.format, "channels": list(channels or data.channels),
             "uint16_mapping": data.uint16_mapping, "percentiles": list(data.percentiles),
             "source_bits": data.source_bits, "crop_size": data.crop_size, "eval_crop": data.eval_crop}
 

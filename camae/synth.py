@@ -14,6 +14,9 @@ large enough that uncorrected embeddings group by plate.
 
 Writes metadata.csv (RxRx1 columns), images/{experiment}/Plate{plate}/{well}_s{site}_w{1..6}.png,
 relationships.csv and synth.yaml (the resolved settings). Deterministic from the seed.
+
+With layout=rxrx3_core the same plates are written as RxRx3-core is published (`write_rxrx3_core`):
+metadata_rxrx3_core.csv and data/train-*.parquet with one JPEG 2000 channel image per row.
 """
 
 from __future__ import annotations
@@ -206,6 +209,8 @@ def generate(out: str | Path, cfg: SynthConfig | None = None) -> pd.DataFrame:
     cfg = cfg or SynthConfig()
     out = Path(out)
     meta = design(cfg)
+    if cfg.layout == "rxrx3_core":
+        return write_rxrx3_core(out, cfg, meta)
     effects = class_effects(cfg)
     plates = {}
     for (experiment, plate), _ in meta.groupby(["experiment", "plate"]):
@@ -237,7 +242,7 @@ def ensure_dataset(root: str | Path, cfg: SynthConfig) -> bool:
     import yaml
 
     root = Path(root)
-    if not (root / "metadata.csv").is_file():
+    if not (root / ("metadata_rxrx3_core.csv" if cfg.layout == "rxrx3_core" else "metadata.csv")).is_file():
         generate(root, cfg)
         return True
     made = root / "synth.yaml"
@@ -248,3 +253,81 @@ def ensure_dataset(root: str | Path, cfg: SynthConfig) -> bool:
             raise ValueError(f"{root} holds synthetic plates made with other settings ({', '.join(diff)} differ from "
                              "the config's synth section); delete the directory or point data.root elsewhere")
     return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The RxRx3-core layout
+
+RXRX3_ROWS_PER_SHARD = 6 * 50  # channel images per shard (the published shards hold ~38,000); sites may straddle two
+RXRX3_ROWS_PER_GROUP = 60  # rows per Parquet row group
+
+
+def rxrx3_metadata(cfg: SynthConfig, meta: pd.DataFrame) -> pd.DataFrame:
+    """metadata_rxrx3_core.csv for the design: odd experiments are CRISPR screens (gene-NNN: class k knocks out
+    GENE-k), even ones compound screens (compound-NNN: classes 2j and 2j+1 are compound j at a low and a high
+    concentration, the weak and strong grade of one effect); controls are EMPTY_control wells."""
+    if cfg.sites_per_well != 1:
+        raise ValueError("RxRx3-core images one site per well: set sites_per_well=1 with layout=rxrx3_core")
+    e = meta["experiment"].str[-2:].astype(int)
+    crispr = (e % 2 == 1).to_numpy()
+    name = np.where(crispr, "gene-", "compound-") + ((e + 1) // 2).map("{:03d}".format)
+    k = meta["sirna_id"].to_numpy() - 1  # -1: control
+    control = k < 0
+    gene = np.where(control, "EMPTY_control", [f"GENE-{i + 1:02d}" for i in k])
+    compound = [f"CPD-{i // 2 + 1:02d}" for i in k]
+    return pd.DataFrame({
+        "well_id": name + "_" + meta["plate"].astype(str) + "_" + meta["well"],
+        "experiment_name": name, "plate": meta["plate"], "address": meta["well"],
+        "gene": np.where(crispr | control, gene, None),
+        "treatment": np.where(control, "EMPTY_control", np.where(crispr, gene, compound)),
+        "SMILES": np.where(crispr | control, None, ["C" * (i // 2 + 1) + "O" for i in k]),
+        "concentration": np.where(crispr | control, np.nan, np.where(k % 2 == 0, 0.25, 2.5)),
+        "perturbation_type": np.where(control, "CONTROL", np.where(crispr, "CRISPR", "COMPOUND")),
+        "cell_type": "HUVEC", "sirna_id": meta["sirna_id"], "synth_experiment": meta["experiment"]})
+
+
+def _jp2(plane: np.ndarray) -> bytes:
+    """A lossy JPEG 2000 image at about the published files' compression (13 KB per 512x512 channel)."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(plane).save(buf, "JPEG2000", irreversible=True, quality_mode="rates", quality_layers=[20])
+    return buf.getvalue()
+
+
+def _render_rxrx3_well(args) -> list[tuple[str, bytes]]:
+    cfg, row, effect, fx = args
+    seed = [cfg.seed, 5, int(row["synth_experiment"][-2:]), row["plate"], ROWS.index(row["address"][0]),
+            int(row["address"][1:]), 1]
+    image = render_site(cfg, effect, fx, seed)
+    stem = f"{row['experiment_name']}/Plate{row['plate']}/{row['address']}_s1_"
+    return [(f"{stem}{c + 1}", _jp2(image[c])) for c in range(len(CHANNELS))]
+
+
+def write_rxrx3_core(out: Path, cfg: SynthConfig, meta: pd.DataFrame) -> pd.DataFrame:
+    """The plates of `meta` in the RxRx3-core layout: rows keyed {experiment}/Plate{p}/{address}_s1_{channel}, the
+    image in `jp2` as the Hugging Face Image feature stores it ({bytes, path}), rows in key order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = rxrx3_metadata(cfg, meta)
+    effects = class_effects(cfg)
+    jobs = [(cfg, row, effects[row["sirna_id"] - 1] if row["sirna_id"] else np.zeros(len(TRAITS)),
+             plate_effects(cfg, int(row["synth_experiment"][-2:]), int(row["plate"])))
+            for row in table.to_dict("records")]
+    workers = cfg.workers or os.cpu_count() or 1
+    with ProcessPoolExecutor(workers) as pool:
+        images = sorted(kv for well in pool.map(_render_rxrx3_well, jobs, chunksize=4) for kv in well)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    n_shards = -(-len(images) // RXRX3_ROWS_PER_SHARD)
+    jp2 = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    for s in range(n_shards):
+        part = images[s * RXRX3_ROWS_PER_SHARD:(s + 1) * RXRX3_ROWS_PER_SHARD]
+        shard = pa.table({"__key__": [k for k, _ in part],
+                          "jp2": pa.array([{"bytes": b, "path": f"{k.rsplit('/', 1)[-1]}.jp2"} for k, b in part],
+                                          jp2)})
+        pq.write_table(shard, out / "data" / f"train-{s:05d}-of-{n_shards:05d}.parquet",
+                       row_group_size=RXRX3_ROWS_PER_GROUP)
+    table.drop(columns=["sirna_id", "synth_experiment"]).to_csv(out / "metadata_rxrx3_core.csv", index=False)
+    save_config(cfg, out / "synth.yaml")
+    return table

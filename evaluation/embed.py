@@ -30,6 +30,7 @@ import torch
 
 from camae import storage
 from camae.config import DataConfig, EmbedConfig
+from camae.data import location_columns
 
 log = logging.getLogger("camae.embed")
 
@@ -203,7 +204,7 @@ def _write_file(rows: pd.DataFrame, crops: dict, path: str) -> None:
     """One Parquet file: metadata + the mean over each site's crops; locally written to a temp name, then renamed;
     to an object store in one upload (readers never see half a file either way)."""
     rows = rows[rows["sample_id"].isin(crops.keys())]
-    meta = rows.drop(columns=["file"] + [c for c in rows.columns if c.startswith("path")]).reset_index(drop=True)
+    meta = rows.drop(columns=["file", *location_columns(rows.columns)]).reset_index(drop=True)
     table = pa.Table.from_pandas(meta, preserve_index=False)
     for column in crops[rows["sample_id"].iloc[0]][0] if len(rows) else []:
         values = np.stack([np.mean([c[column] for c in crops[s]], axis=0) for s in rows["sample_id"]])

@@ -13,6 +13,7 @@ plates); outputs go to run.output_dir/run.name.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from camae import storage
 from camae.cluster import connect
 from camae.config import ConfigError, EvaluateConfig, job_parser, load_config, save_config, to_dict
 from evaluation.batch_correction import fit_correction
@@ -89,12 +91,12 @@ def biology(cfg: EvaluateConfig, meta: pd.DataFrame, X: np.ndarray, pairs: pd.Da
 
 
 def known_pairs(cfg: EvaluateConfig) -> pd.DataFrame | None:
-    path = Path(cfg.biology.relationships) if cfg.biology.relationships else Path(cfg.data.root) / "relationships.csv"
-    if not path.is_file():
+    path = cfg.biology.relationships or storage.join(cfg.data.root, "relationships.csv")  # packs carry theirs
+    if not storage.exists(path):
         if cfg.biology.relationships:
             raise FileNotFoundError(f"biology.relationships={path} does not exist")
         return None
-    return pd.read_csv(path)
+    return pd.read_csv(io.StringIO(storage.read_text(path)))
 
 
 def block_curve(cfg: EvaluateConfig, meta: pd.DataFrame, blocks: np.ndarray, y: np.ndarray, depth: int):

@@ -1,0 +1,291 @@
+"""Parquet shards: `camae pack` and data.format packed (the same sites as the source images, bit for bit), and
+RxRx3-core in its published layout (JPEG 2000 channel rows grouped into sites, the official 4-tile embedding)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from camae.config import ConfigError, DataConfig, EmbedConfig, EncoderSpec
+from camae.data import TRAIN_COLUMNS, BlockDataset, DataError, LabelMap, build_dataset, read_table, skipped_report
+from camae.shards import PackError, decode_jp2, pack, read_manifest
+from camae.synth import SynthConfig, generate
+
+SMALL = dict(size=256, cells_per_site=6, wells_per_plate=10, controls_per_plate=2, classes=2, workers=2)
+
+
+@pytest.fixture(scope="module")
+def plates(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shards") / "plates"
+    generate(root, SynthConfig(**SMALL))  # 2 experiments x 2 plates x 10 wells x 2 sites = 80 sites
+    return root
+
+
+def source(plates: Path, **kw) -> DataConfig:
+    return DataConfig(**{"root": str(plates), "crop_size": 64, "eval_crop": "tile", **kw})
+
+
+@pytest.fixture(scope="module")
+def packed(ray_session, plates, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "packed"
+    result = pack(source(plates), str(out), shard_mb=3, rows_per_group=4)  # 384 KiB sites: 8 per shard
+    assert (result.sites, result.skipped, result.shards, result.written) == (80, 0, 10, 10)
+    return out
+
+
+def packed_cfg(packed: Path, **kw) -> DataConfig:
+    return DataConfig(**{"format": "packed", "root": str(packed), "crop_size": 64, "eval_crop": "tile", **kw})
+
+
+def crops_by_site(table: pd.DataFrame, cfg: DataConfig) -> dict:
+    return {(r["sample_id"], int(r["tile"])): r["image"] for r in build_dataset(table, cfg, train=False).iter_rows()}
+
+
+def test_pack_writes_shards_manifest_and_checksums(packed, plates):
+    manifest = read_manifest(str(packed))
+    assert manifest["shape"] == [6, 256, 256] and manifest["channels"] == DataConfig().channels
+    assert manifest["sites"] == 80 and manifest["skipped"] == 0 and manifest["source"]["format"] == "rxrx1"
+    assert manifest["uint16_mapping"]["mapping"] == "percentile"
+    for shard in manifest["shards"]:
+        path = packed / "shards" / shard["file"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
+        assert shard["bytes"] == path.stat().st_size
+        meta = pq.ParquetFile(path).metadata
+        assert meta.num_rows == shard["sites"] == 8 and meta.num_row_groups == shard["row_groups"] == 2
+    assert (packed / "relationships.csv").read_text() == (plates / "relationships.csv").read_text()
+
+
+def test_packed_table_is_the_source_table(packed, plates):
+    a = read_table(source(plates)).sort_values("sample_id").reset_index(drop=True)
+    b = read_table(packed_cfg(packed)).sort_values("sample_id").reset_index(drop=True)
+    meta = ["sample_id", "plate", "batch", "well", "site", "label", "is_control"]
+    pd.testing.assert_frame_equal(a[meta], b[meta])
+    assert set(b.columns) - set(meta) == {"shard", "row", "row_group"}
+
+
+def test_packed_eval_crops_are_identical_to_the_images(packed, plates):
+    """Every tile of every site, bit for bit, also for a subset of channels in another order."""
+    channels = ["mito", "nuclei"]
+    a = crops_by_site(read_table(source(plates, channels=channels)), source(plates, channels=channels))
+    b = crops_by_site(read_table(packed_cfg(packed, channels=channels)), packed_cfg(packed, channels=channels))
+    assert len(a) == len(b) == 80 * 16 and a.keys() == b.keys()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert next(iter(b.values())).shape == (2, 64, 64)
+
+
+def test_packed_training_stream(packed):
+    """Random crops vary per epoch, channel dropout and the label map work, labels stay with their sites."""
+    cfg = packed_cfg(packed, channel_dropout=0.5)
+    table = read_table(cfg)
+    labels = LabelMap.from_labels(table["label"])
+    ds = build_dataset(table, cfg, train=True, label_map=labels, columns=TRAIN_COLUMNS)
+    epochs = [torch.cat([b["image"] for b in ds.iter_torch_batches(batch_size=16)]) for _ in range(2)]
+    assert epochs[0].shape == (80, 6, 64, 64) and not torch.equal(epochs[0], epochs[1])
+    zeroed = (epochs[0].flatten(2).amax(2) == 0).float().mean().item()
+    assert 0.3 < zeroed < 0.6  # about half the channels dropped (never all of one site)
+    batch = next(iter(ds.iter_batches(batch_size=80, batch_format="numpy")))
+    assert sorted(np.bincount(batch["label_index"])) == sorted(np.bincount(labels.encode(table["label"])))
+
+
+def test_dataloader_reads_the_same_blocks(packed):
+    cfg = packed_cfg(packed, eval_crop="center")
+    table = read_table(cfg)
+    loader = torch.utils.data.DataLoader(BlockDataset(table, cfg, False, columns=["image", "sample_id"]),
+                                         batch_size=10, num_workers=2)
+    got = {s: im for b in loader for s, im in zip(b["sample_id"], b["image"], strict=True)}
+    ray_crops = crops_by_site(table, cfg)
+    assert len(got) == 80 and all(np.array_equal(got[s].numpy(), ray_crops[s, 0]) for s in got)
+
+
+def test_rerun_finishes_only_missing_shards(packed, plates, tmp_path):
+    out = tmp_path / "again"
+    shutil.copytree(packed, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").unlink()
+    (out / "shards" / "shard-00003.json").unlink()  # an interrupted pack: shard 3 half written
+    (out / "shards" / "shard-00003.parquet").write_bytes(b"PAR1 truncated")
+    with pytest.raises(PackError, match=r"unfinished pack \(9 of 10 shards written\); rerun"):
+        read_table(packed_cfg(out))
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.parquet")}
+    result = pack(source(plates), str(out), shard_mb=3, rows_per_group=4)
+    assert result.written == 1 and result.shards == 10
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.parquet")}
+    assert [n for n in after if after[n] != before[n]] == ["shard-00003.parquet"]
+    assert json.loads((out / "manifest.json").read_text()) == manifest  # the same bytes, checksums included
+    with pytest.raises(PackError, match=r"holds a pack of other data or settings \(channels, "):
+        pack(source(plates, channels=["nuclei"]), str(out), shard_mb=3, rows_per_group=4)
+
+
+def test_sites_that_fail_to_decode_are_counted_as_in_training(ray_session, plates, tmp_path):
+    broken = tmp_path / "plates"
+    shutil.copytree(plates, broken)
+    bad = broken / "images" / "SYNTH-01" / "Plate1" / "A03_s1_w2.png"
+    bad.write_bytes(b"not a png")
+    result = pack(source(broken, on_error="skip"), str(tmp_path / "packed"), rows_per_group=4)
+    assert (result.sites, result.skipped) == (79, 1)
+    report = skipped_report(tmp_path / "packed" / "skipped")
+    assert list(report["sample_id"]) == ["SYNTH-01_P1_A03_s1"] and "cannot be decoded" in report["error"][0]
+    assert len(read_table(packed_cfg(tmp_path / "packed"))) == 79
+    with pytest.raises(DataError, match=f"image {bad} cannot be decoded"):
+        pack(source(broken), str(tmp_path / "packed-raise"), rows_per_group=4)
+
+
+def test_packed_config_errors_name_the_key(packed):
+    with pytest.raises(ConfigError, match=r"data.channels has \['dapi'\], not in the pack"):
+        read_table(packed_cfg(packed, channels=["dapi"]))
+    with pytest.raises(PackError, match="holds no packed dataset"):
+        read_table(packed_cfg(packed.parent / "nothing-here"))
+
+
+def test_packed_embeddings_equal_the_images(packed, plates, tmp_path):
+    from evaluation.embed import embed_table, load_embeddings
+
+    cfg = EmbedConfig(EncoderSpec(embed_dim=32, depth=2, num_heads=2), blocks=False, batch_size=16,
+                      sites_per_file=32, use_gpu="no")
+    out = {}
+    center = {"crop_size": 256, "eval_crop": "center"}
+    for name, data in (("images", source(plates, **center)), ("packed", packed_cfg(packed, **center))):
+        result = embed_table(read_table(data), data, cfg, tmp_path / name)
+        assert result.sites == 80 and result.skipped == 0
+        meta, X = load_embeddings(tmp_path / name)
+        out[name] = (meta.sort_values("sample_id"), X[meta.sort_values("sample_id").index])
+    assert list(out["images"][0]["sample_id"]) == list(out["packed"][0]["sample_id"])
+    assert "shard" not in out["packed"][0].columns and "path_er" not in out["images"][0].columns
+    np.testing.assert_array_equal(out["images"][1], out["packed"][1])
+
+
+# --- RxRx3-core ---------------------------------------------------------------------------------------------------
+
+
+RX3 = dict(layout="rxrx3_core", size=512, sites_per_well=1, cells_per_site=8, wells_per_plate=12,
+           controls_per_plate=2, classes=4, experiments=2, plates_per_experiment=1, workers=2)
+
+
+def rxrx3_cfg(root: Path, **kw) -> DataConfig:
+    return DataConfig(format="rxrx3_core", root=str(root), label_column="treatment", control_column="treatment",
+                      control_values=["EMPTY_control"], batch_column="experiment_name", well_column="address",
+                      crop_size=256, eval_crop="tile", **kw)
+
+
+@pytest.fixture(scope="module")
+def rxrx3(tmp_path_factory) -> Path:
+    import camae.synth
+
+    root = tmp_path_factory.mktemp("rxrx3") / "core"
+    old = camae.synth.RXRX3_ROWS_PER_SHARD
+    camae.synth.RXRX3_ROWS_PER_SHARD = 32  # not a multiple of 6: sites straddle two shards
+    try:
+        generate(root, SynthConfig(**RX3))
+    finally:
+        camae.synth.RXRX3_ROWS_PER_SHARD = old
+    return root
+
+
+def test_synthetic_rxrx3_core_has_the_published_layout(rxrx3):
+    meta = pd.read_csv(rxrx3 / "metadata_rxrx3_core.csv")
+    assert list(meta.columns) == ["well_id", "experiment_name", "plate", "address", "gene", "treatment", "SMILES",
+                                  "concentration", "perturbation_type", "cell_type"]
+    assert set(meta["experiment_name"]) == {"gene-001", "compound-001"} and len(meta) == 24
+    assert (meta["treatment"] == "EMPTY_control").sum() == 4
+    compounds = meta[meta["perturbation_type"] == "COMPOUND"]
+    assert set(compounds["concentration"]) == {0.25, 2.5} and compounds["SMILES"].notna().all()
+    shards = sorted((rxrx3 / "data").glob("train-*.parquet"))
+    assert len(shards) == 5  # 144 channel images, 32 per shard
+    first = pq.read_table(shards[0]).to_pandas()
+    assert first["__key__"][0] == "compound-001/Plate1/A01_s1_1" and set(first["jp2"][0]) == {"bytes", "path"}
+
+
+def test_rxrx3_core_sites_are_their_six_channel_images(ray_session, rxrx3):
+    """Each channel of each site is the image under its key, decoded independently, wherever its shard is."""
+    cfg = rxrx3_cfg(rxrx3)
+    table = read_table(cfg)
+    assert len(table) == 24 and table["plate"].nunique() == 2 and table["is_control"].sum() == 4
+    assert (table["shard_nuclei"] != table["shard_golgi"]).any()  # some sites straddle two shards
+    rows = pd.concat([pq.read_table(p).to_pandas() for p in sorted((rxrx3 / "data").glob("*.parquet"))])
+    blobs = dict(zip(rows["__key__"], (j["bytes"] for j in rows["jp2"]), strict=True))
+    got = crops_by_site(table, cfg)
+    assert len(got) == 24 * 4
+    for sid, address, experiment in [("gene-001_P1_A05_s1", "A05", "gene-001"),
+                                     ("compound-001_P1_A12_s1", "A12", "compound-001")]:
+        site = np.stack([decode_jp2(blobs[f"{experiment}/Plate1/{address}_s1_{c}"], "pillow") for c in range(1, 7)])
+        assert np.array_equal(got[sid, 3], site[:, 256:, 256:]) and np.array_equal(got[sid, 0], site[:, :256, :256])
+
+
+def test_jp2_decoders_agree(rxrx3):
+    blob = pq.read_table(next((rxrx3 / "data").glob("*.parquet"))).column("jp2")[0]["bytes"].as_py()
+    a, b = decode_jp2(blob, "pillow"), decode_jp2(blob, "imagecodecs")
+    assert a.shape == (512, 512) and a.dtype == np.uint8 and np.array_equal(a, b)
+
+
+def test_rxrx3_core_missing_images_are_skipped_and_counted(ray_session, rxrx3, tmp_path):
+    core = tmp_path / "core"
+    shutil.copytree(rxrx3, core)
+    meta = pd.read_csv(core / "metadata_rxrx3_core.csv")
+    extra = meta.iloc[[0]].assign(address="P24", well_id="gene-001_1_P24")  # a well the shards do not hold
+    pd.concat([meta, extra]).to_csv(core / "metadata_rxrx3_core.csv", index=False)
+    cfg = rxrx3_cfg(core, on_error="skip")
+    rows = list(build_dataset(read_table(cfg), cfg, train=False, skip_log=str(tmp_path / "skipped")).iter_rows())
+    assert len({r["sample_id"] for r in rows}) == 24
+    report = skipped_report(tmp_path / "skipped")
+    assert report.to_dict("records") == [{"sample_id": "gene-001_P1_P24_s1", "error":
+                                          "site gene-001_P1_P24_s1 has no nuclei image in the RxRx3-core shards"}]
+
+
+def test_rxrx3_core_embedding_is_the_mean_over_four_tiles(ray_session, rxrx3, tmp_path):
+    """As the official RxRx3-core inference: each image cut into 4 non-overlapping tiles, `predict` on each, the
+    mean of the 4."""
+    from camae.classifier import base_model
+    from evaluation.embed import embed_table, load_embeddings
+
+    spec = EncoderSpec(embed_dim=32, depth=2, num_heads=2)
+    cfg = rxrx3_cfg(rxrx3)
+    embed_table(read_table(cfg), cfg, EmbedConfig(spec, blocks=False, use_gpu="no"), tmp_path / "emb")
+    meta, X = load_embeddings(tmp_path / "emb")
+    sid = "gene-001_P1_A07_s1"
+    crops = crops_by_site(read_table(cfg), cfg)
+    tiles = torch.from_numpy(np.stack([crops[sid, t] for t in range(4)]))
+    model = base_model(spec).eval()
+    expected = model.predict(tiles).mean(0).numpy()
+    np.testing.assert_allclose(X[meta.index[meta["sample_id"] == sid][0]], expected, rtol=1e-5, atol=1e-6)
+    assert meta.loc[meta["sample_id"] == sid, "label"].item() == pd.read_csv(
+        rxrx3 / "metadata_rxrx3_core.csv").set_index("address").loc["A07"].query(
+        "experiment_name == 'gene-001'")["treatment"].item()
+
+
+def test_pack_rxrx3_core_then_read_packed(ray_session, rxrx3, tmp_path):
+    """RxRx3-core converts like any layout: packed sites equal the decoded JPEG 2000 ones."""
+    cfg = rxrx3_cfg(rxrx3, extra_columns=["gene", "concentration"])
+    result = pack(cfg, str(tmp_path / "packed"), rows_per_group=8)
+    assert (result.sites, result.skipped) == (24, 0)
+    pcfg = DataConfig(format="packed", root=str(tmp_path / "packed"), crop_size=256, eval_crop="tile",
+                      extra_columns=["gene", "concentration"])
+    table = read_table(pcfg)
+    assert table["concentration"].isna().sum() == 14 and set(table["gene"].dropna()) >= {"EMPTY_control"}
+    a, b = crops_by_site(read_table(cfg), cfg), crops_by_site(table, pcfg)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_pack_cli_prints_its_result(plates, tmp_path):
+    import subprocess
+    import sys
+
+    data = tmp_path / "data.yaml"
+    data.write_text(f"root: {plates}\ncrop_size: 64\n")
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    done = subprocess.run([sys.executable, "-m", "camae", "pack", "--config", str(data), "--out",
+                           str(tmp_path / "out"), "--set", "channels=[er]", "--rows-per-group", "16"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout[done.stdout.index("{"):])
+    assert result["sites"] == 80 and result["shards"] == 1 and result["written"] == 1
+    assert read_manifest(str(tmp_path / "out"))["channels"] == ["er"]
+
