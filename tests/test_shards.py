@@ -3,6 +3,7 @@ RxRx3-core in its published layout (JPEG 2000 channel rows grouped into sites, t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,6 +20,17 @@ from camae.config import ConfigError, DataConfig, EmbedConfig, EncoderSpec
 from camae.data import TRAIN_COLUMNS, BlockDataset, DataError, LabelMap, build_dataset, read_table, skipped_report
 from camae.shards import PackError, decode_jp2, pack, read_manifest
 from camae.synth import SynthConfig, generate
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """Four logical CPUs on this machine's two cores: two training workers leave Ray Data CPUs to decode with."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
 
 SMALL = dict(size=256, cells_per_site=6, wells_per_plate=10, controls_per_plate=2, classes=2, workers=2)
 
@@ -289,3 +301,60 @@ def test_pack_cli_prints_its_result(plates, tmp_path):
     assert result["sites"] == 80 and result["shards"] == 1 and result["written"] == 1
     assert read_manifest(str(tmp_path / "out"))["channels"] == ["er"]
 
+
+
+# --- every job on packed shards ----------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["model.encoder.embed_dim=32", "model.encoder.depth=2", "model.encoder.num_heads=2", "tracking.log_model=false"]
+
+
+@pytest.mark.slow
+def test_finetune_with_two_workers_on_packed_shards(ray_session, packed, plates, tmp_path):
+    """Two Ray Train workers stream the pack; the held-out evaluation sees exactly what it sees from the images."""
+    from mlflow.tracking import MlflowClient
+
+    from camae.config import FinetuneConfig, load_config
+    from camae.data import prepare_dataset
+    from finetune.train import evaluate_heldout, run_finetune
+    from finetune.worker import build_model
+
+    cfg = load_config(FinetuneConfig, REPO / "configs/finetune/quickstart.yaml", [
+        *TINY, "data.format=packed", f"data.root={packed}", "train.mode=lora", "train.epochs=2", "train.batch_size=8",
+        "run.num_workers=2", f"run.output_dir={tmp_path}", "run.name=packed", "synth=null"])
+    summary = run_finetune(cfg)
+    client = MlflowClient(summary["tracking_uri"])
+    assert [m.step for m in client.get_metric_history(summary["run_id"], "train/loss")] == [0, 1]
+    run = client.get_run(summary["run_id"])
+    assert {"camae.node.rank0", "camae.node.rank1"} <= set(run.data.tags)  # two real workers
+    assert run.data.params["data.format"] == "packed" and 0 <= summary["test/accuracy"] <= 1
+
+    images = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, format="rxrx1", root=str(plates)))
+    (t_packed, labels), (t_images, _) = prepare_dataset(cfg.data), prepare_dataset(images.data)
+    model, _ = build_model(cfg, len(labels))
+    assert evaluate_heldout(cfg, model, t_packed, labels, tmp_path) == evaluate_heldout(images, model, t_images,
+                                                                                        labels, tmp_path)
+
+
+@pytest.mark.slow
+def test_evaluate_on_packed_shards_equals_the_images(ray_session, packed, plates, tmp_path, monkeypatch):
+    """The whole evaluation job (embedding, corrections, probes, biology) gives the same figures from the pack."""
+    from mlflow.tracking import MlflowClient
+
+    from evaluation.evaluate import main
+
+    monkeypatch.delenv("CAMAE_PARENT_RUN_ID", raising=False)
+    metrics = {}
+    for name, data in (("images", ["data.format=rxrx1", f"data.root={plates}"]),
+                       ("packed", ["data.format=packed", f"data.root={packed}"])):
+        sets = [*data, "synth=null", f"run.name={name}", f"run.output_dir={tmp_path}", "probes.kinds=[logistic]",
+                "probes.per_block=false", "biology.null_size=200", "biology.channel_leave_one_out=false",
+                "correction.methods=[raw, pca_centerscale, tvn]"]
+        assert main(["--config", str(REPO / "configs/evaluate/quickstart.yaml"), *[a for s in sets
+                                                                                   for a in ("--set", s)]]) == 0
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        client = MlflowClient(summary["tracking_uri"])
+        runs = [client.get_run(r) for r in [summary["run_id"], *summary["probe_runs"]]]
+        metrics[name] = {(r.data.tags.get("camae.correction"), k): v for r in runs for k, v in r.data.metrics.items()
+                         if "per_s" not in k and "seconds" not in k}
+    assert len(metrics["packed"]) > 40 and metrics["packed"] == metrics["images"]
