@@ -221,7 +221,7 @@ class TwoNodeCluster:
     def submit(self, args: list[str], runtime_env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
         """`ray job submit --working-dir <repo> -- <args>`, as the README's cluster section does."""
         repo = Path(__file__).resolve().parents[1]
-        env_json = {"excludes": [".venv", "outputs", "data", ".git"], **runtime_env}
+        env_json = {"excludes": ["/.venv", "/outputs", "/data", "/.git"], **runtime_env}
         cmd = ["ray", "job", "submit", f"--address={self.dashboard_url}", "--working-dir", str(repo),
                "--runtime-env-json", json.dumps(env_json), "--", *args]
         for _ in range(12):  # right after `ray start` the head may refuse with "No available agent"

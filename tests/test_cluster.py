@@ -216,6 +216,34 @@ def test_embedding_job_across_both_nodes_into_the_bucket(services, monkeypatch):
     assert "embed.json" in {k.rsplit("/", 1)[-1] for k in s["store"].keys("embeddings/")}
 
 
+def test_pack_into_the_bucket_then_finetune_from_it_on_two_nodes(services):
+    """`camae pack` as a cluster job writes the shards into the bucket; two DDP workers on two nodes train from them
+    (data.format packed, data.root s3://...): no node needs the images or a shared disk."""
+    from camae.config import FinetuneConfig, load_config
+    from camae.synth import ensure_dataset
+
+    s = services
+    plates, synth = s["root"] / "plates", load_config(FinetuneConfig, "configs/cluster/finetune.yaml").synth
+    ensure_dataset(plates, synth)
+    pack = s["cluster"].submit(["python", "-m", "camae", "pack", "--config", "configs/data/synthetic.yaml", "--out",
+                                f"s3://{BUCKET}/packed", "--rows-per-group", "8",
+                                *_sets([f"root={plates}", "channels=[nuclei, er, mito]"])], _runtime_env(s))
+    assert pack.returncode == 0 and "succeeded" in pack.stdout, (pack.stdout + pack.stderr)[-4000:]
+    packed = _printed_json(pack.stdout)
+    sites = synth.experiments * synth.plates_per_experiment * synth.wells_per_plate * synth.sites_per_well
+    assert (packed["sites"], packed["skipped"], packed["written"]) == (sites, 0, packed["shards"])
+    keys = {k.removeprefix("packed/") for k in s["store"].keys("packed/")}
+    assert {"manifest.json", "plan.json", "shards/shard-00000.parquet", "shards/shard-00000.json"} <= keys
+
+    job = s["cluster"].submit(_finetune_args(s, "ft-packed", "data.format=packed", f"data.root=s3://{BUCKET}/packed",
+                                             "train.mode=linear"), _runtime_env(s))
+    assert job.returncode == 0 and "succeeded" in job.stdout, (job.stdout + job.stderr)[-4000:]
+    client, run = _run(s, "ft-packed")
+    assert run.info.status == "FINISHED" and run.data.params["data.format"] == "packed"
+    assert run.data.tags["camae.node.rank0"] != run.data.tags["camae.node.rank1"]  # one worker per node
+    assert _steps(client, run, "train/loss") == [0, 1] and "test/accuracy" in run.data.metrics
+
+
 def test_tracking_outage_loses_no_metric(services):
     """A restart of the tracking server between two epochs: the metric that could not be sent is queued and
     arrives with the next."""

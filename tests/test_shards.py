@@ -21,6 +21,7 @@ from camae.data import TRAIN_COLUMNS, BlockDataset, DataError, LabelMap, build_d
 from camae.shards import PackError, decode_jp2, pack, read_manifest
 from camae.synth import SynthConfig, generate
 
+
 @pytest.fixture(scope="module")
 def ray_session():
     """Four logical CPUs on this machine's two cores: two training workers leave Ray Data CPUs to decode with."""
