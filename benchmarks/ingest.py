@@ -7,7 +7,7 @@ raylet, object store and workers included) to give the peak. Scales 1x and 10x s
 the dataset.
 
     python benchmarks/ingest.py                       # writes benchmarks/results/ingest.{json,md}
-    python benchmarks/ingest.py --sites 120 --workers 2
+    python benchmarks/ingest.py --sites 120 --workers 2 --formats packed
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 MODES = ["ray", "dataloader", "single"]
+FORMATS = ["png", "packed"]
 
 
 class PeakMemory:
@@ -61,8 +62,8 @@ class PeakMemory:
         self._thread.join()
 
 
-def dataset(root: Path, sites: int):
-    """Synthetic plates with about `sites` sites (cached on disk by size)."""
+def dataset(root: Path, sites: int, fmt: str) -> Path:
+    """Synthetic plates with about `sites` sites, or their pack (cached on disk by size)."""
     from camae.synth import SynthConfig, generate
 
     wells = 30
@@ -70,7 +71,15 @@ def dataset(root: Path, sites: int):
     out = root / f"plates-{plates * wells * 2}"
     if not (out / "metadata.csv").is_file():
         generate(out, SynthConfig(experiments=1, plates_per_experiment=plates, wells_per_plate=wells))
-    return out
+    if fmt == "png":
+        return out
+    packed = root / f"packed-{plates * wells * 2}"
+    if not (packed / "manifest.json").is_file():
+        data = root / f"pack-{plates * wells * 2}.yaml"
+        data.write_text(f"root: {out}\n")
+        subprocess.run([sys.executable, "-m", "camae", "pack", "--config", str(data), "--out", str(packed)],
+                       check=True, capture_output=True, env={**os.environ, "RAY_ADDRESS": "local"})
+    return packed
 
 
 def _epoch(batches) -> tuple[int, float]:
@@ -84,9 +93,10 @@ def _epoch(batches) -> tuple[int, float]:
 def run_mode(mode: str, root: str, workers: int, batch: int) -> dict:
     """Two epochs over the dataset in `mode`: the first cold (worker start-up included), the second warm."""
     from camae.config import DataConfig
-    from camae.data import TRAIN_COLUMNS, LabelMap, SiteDataset, build_dataset, read_table
+    from camae.data import TRAIN_COLUMNS, BlockDataset, LabelMap, build_dataset, read_table
 
-    cfg = DataConfig(root=root, decode_batch_size=batch)
+    fmt = "packed" if (Path(root) / "manifest.json").is_file() else "rxrx1"
+    cfg = DataConfig(format=fmt, root=root, decode_batch_size=batch)
     table = read_table(cfg)
     labels = LabelMap.from_labels(table.label)
     if mode == "ray":
@@ -95,15 +105,19 @@ def run_mode(mode: str, root: str, workers: int, batch: int) -> dict:
         ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         ds = build_dataset(table, cfg, train=False, label_map=labels, columns=TRAIN_COLUMNS)
-        epoch = lambda: ds.iter_torch_batches(batch_size=batch)  # noqa: E731
+        # as many batches in flight as the DataLoader's workers x prefetch_factor (2)
+        epoch = lambda: ds.iter_torch_batches(batch_size=batch, prefetch_batches=2 * workers)  # noqa: E731
     elif mode == "dataloader":
         import torch
 
-        loader = torch.utils.data.DataLoader(SiteDataset(table, cfg, False, labels), batch_size=batch,
-                                             num_workers=workers, persistent_workers=True)
+        loader = torch.utils.data.DataLoader(BlockDataset(table, cfg, False, labels, TRAIN_COLUMNS),
+                                             batch_size=batch, num_workers=workers, persistent_workers=True)
         epoch = lambda: loader  # noqa: E731
     else:
-        epoch = lambda: ({"image": item["image"][None]} for item in SiteDataset(table, cfg, False, labels))  # noqa: E731
+        import torch
+
+        epoch = lambda: torch.utils.data.DataLoader(BlockDataset(table, cfg, False, labels, TRAIN_COLUMNS),  # noqa: E731
+                                                    batch_size=batch)
     with PeakMemory() as memory:
         n, cold = _epoch(epoch())
         _, warm = _epoch(epoch())
@@ -115,6 +129,7 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", type=int, default=240, help="sites at scale 1x")
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 10])
+    parser.add_argument("--formats", nargs="+", default=FORMATS, choices=FORMATS)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--data", type=Path, default=Path("/tmp/camae-ingest"))
@@ -125,13 +140,13 @@ def main(argv=None) -> list[dict]:
         print(json.dumps(run_mode(args.child[0], args.child[1], args.workers, args.batch)))
         return []
     rows = []
-    for scale in args.scales:
-        root = dataset(args.data, args.sites * scale)
+    for scale, fmt in [(s, f) for f in args.formats for s in args.scales]:
+        root = dataset(args.data, args.sites * scale, fmt)
         for mode in MODES:
             cmd = [sys.executable, __file__, "--child", mode, str(root), "--workers", str(args.workers),
                    "--batch", str(args.batch)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            row = {"scale": f"{scale}x", **json.loads(out)}
+            row = {"format": fmt, "scale": f"{scale}x", **json.loads(out)}
             print(json.dumps(row), flush=True)
             rows.append(row)
     write(rows, args)
@@ -143,16 +158,20 @@ def write(rows: list[dict], args) -> None:
     meta = {"cpus": os.cpu_count(), "workers": args.workers, "batch": args.batch, "machine": platform.machine()}
     (args.out / "ingest.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"# ingest: {args.workers} workers on {os.cpu_count()} CPUs, batch {args.batch}, 6x256x256 sites "
-             "(one PNG per channel)", "",
+             "(png: one PNG per channel; packed: `camae pack` shards), end to end into torch batches", "",
              "Two epochs per mode in a fresh process: epoch 1 cold (worker start-up included), epoch 2 warm.", "",
-             "| scale | mode | sites | epoch 1 s | epoch 1 sites/s | warm sites/s | warm vs DataLoader "
-             "| peak PSS MiB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| format | scale | mode | sites | epoch 1 s | epoch 1 sites/s | warm sites/s | warm vs DataLoader "
+             "| packed vs png | peak PSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    def find(scale: str, fmt: str, mode: str) -> dict | None:
+        return next((x for x in rows if (x["scale"], x["format"], x["mode"]) == (scale, fmt, mode)), None)
+
     for r in rows:
-        base = next(x for x in rows if x["scale"] == r["scale"] and x["mode"] == "dataloader")
-        lines.append(f"| {r['scale']} | {r['mode']} | {r['sites']} | {r['cold_s']} | {r['cold_sites_per_s']} | "
-                     f"{r['warm_sites_per_s']} | **{r['warm_sites_per_s'] / base['warm_sites_per_s']:.2f}x** | "
-                     f"{r['peak_pss_mib']} |")
+        base, png = find(r["scale"], r["format"], "dataloader"), find(r["scale"], "png", r["mode"])
+        vs_png = f"**{r['warm_sites_per_s'] / png['warm_sites_per_s']:.2f}x**" if png else "-"
+        lines.append(f"| {r['format']} | {r['scale']} | {r['mode']} | {r['sites']} | {r['cold_s']} | "
+                     f"{r['cold_sites_per_s']} | {r['warm_sites_per_s']} | "
+                     f"**{r['warm_sites_per_s'] / base['warm_sites_per_s']:.2f}x** | {vs_png} | {r['peak_pss_mib']} |")
     (args.out / "ingest.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

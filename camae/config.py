@@ -219,7 +219,7 @@ class TrainConfig:
     """Clip the global gradient norm to this (None: no clipping)."""
     accumulate: int = 1
     """Micro-batches per optimizer step."""
-    prefetch_batches: int = 2
+    prefetch_batches: int = 4
     """Batches Ray Data prepares ahead of the training step (decoded, collated, pinned and copied to the GPU in a
     background thread), so the device never waits on the host between steps."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"

@@ -5,7 +5,8 @@ The table has one row per imaged site and these columns (`read_table`):
 `plate` and `batch` are strings; `path_<channel>` holds each chosen channel's image file, in config order.
 Splits are by group (plate by default), never by image (`assign_splits`); the label map is fixed once and saved
 (`LabelMap`). `decode_batch` turns table rows into uint8 [C, H, W] crops; `build_dataset` runs it as a
-streaming Ray Data pipeline; `SiteDataset` is the same for a torch DataLoader.
+streaming Ray Data pipeline; `BlockDataset` is the same for a torch DataLoader. Sites in Parquet shards (packed,
+RxRx3-core) are read by camae.shards.
 """
 
 from __future__ import annotations
@@ -329,7 +330,7 @@ def batch_sites(batch: dict[str, np.ndarray], cfg: DataConfig, skipped: list[dic
     from camae.shards import packed_sites, rxrx3_sites
 
     if cfg.format == "packed":
-        return list(packed_sites(batch, cfg))
+        return packed_sites(batch, cfg)
     if cfg.format == "rxrx3_core":
         got = rxrx3_sites(batch, cfg)
         return [skip_site(sid, g, cfg, skipped) if isinstance(g, DataError) else g
@@ -472,27 +473,6 @@ class BlockDataset(torch.utils.data.IterableDataset):
             batch = decode_batch({c: part[c].to_numpy() for c in part.columns}, self.cfg, self.train,
                                  self.label_map, columns=self.columns)
             yield from ({k: v[i] for k, v in batch.items()} for i in range(len(batch["image"])))
-
-
-class SiteDataset:
-    """The same decoding as `build_dataset` for a torch DataLoader (map-style: one site per index)."""
-
-    def __init__(self, table: pd.DataFrame, cfg: DataConfig, train: bool, label_map: LabelMap | None = None):
-        self.rows = table.to_dict("records")
-        self.cfg, self.train, self.label_map = cfg, train, label_map
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        row = self.rows[i]
-        rng = np.random.default_rng()
-        crop = crops(load_site(row, self.cfg), self.cfg, self.train, rng)[0]
-        item = {"image": drop_channels(crop, self.cfg.channel_dropout, rng) if self.train else crop,
-                "sample_id": row["sample_id"]}
-        if self.label_map is not None:
-            item["label_index"] = int(self.label_map.encode([row["label"]])[0])
-        return item
 
 
 def prepare_dataset(cfg: DataConfig, synth=None, run_dir: str | Path | None = None):

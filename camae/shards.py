@@ -64,7 +64,10 @@ def read_rows(location: str, rows: np.ndarray, column: str) -> pa.Array:
         groups = np.unique(group_of)
         got = pf.read_row_groups(groups.tolist(), columns=[column]).column(column)
     base = np.concatenate([[0], np.cumsum(sizes[groups])])[np.searchsorted(groups, group_of)]
-    return got.take(pa.array(base + rows - starts[group_of])).combine_chunks()
+    positions = base + rows - starts[group_of]
+    if np.array_equal(positions, np.arange(len(got))):  # whole row groups in order (packed blocks): no copy
+        return got.combine_chunks()
+    return got.take(pa.array(positions)).combine_chunks()
 
 
 def fixed_binary_to_numpy(arr: pa.Array, shape: tuple[int, ...]) -> np.ndarray:
@@ -130,18 +133,22 @@ def read_packed_table(cfg: DataConfig) -> pd.DataFrame:
     return table
 
 
-def packed_sites(batch: dict[str, np.ndarray], cfg: DataConfig) -> np.ndarray:
-    """uint8 [n, C, H, W] of the batch's sites (table rows with `shard` and `row`), channels as cfg.channels."""
+def packed_sites(batch: dict[str, np.ndarray], cfg: DataConfig) -> list[np.ndarray]:
+    """uint8 [C, H, W] per site of the batch (table rows with `shard` and `row`), channels as cfg.channels: views
+    of the Parquet column's buffer when all packed channels are used in their order (crops copy only themselves)."""
     manifest = read_manifest(storage.resolve(cfg.root))
     shape = tuple(manifest["shape"])
     if min(shape[1:]) < cfg.crop_size:
         raise ConfigError(f"data.crop_size={cfg.crop_size} is larger than the packed sites ({shape[1]}x{shape[2]})")
     pick = [manifest["channels"].index(c) for c in cfg.channels]
-    out = np.empty((len(batch["shard"]), len(pick), *shape[1:]), dtype=np.uint8)
+    every = pick == list(range(shape[0]))
+    out: list = [None] * len(batch["shard"])
     for shard in np.unique(batch["shard"]):
-        sel = batch["shard"] == shard
-        arr = read_rows(storage.join(cfg.root, "shards", str(shard)), batch["row"][sel].astype(np.int64), PIXELS)
-        out[sel] = fixed_binary_to_numpy(arr, shape)[:, pick]
+        where = np.flatnonzero(batch["shard"] == shard)
+        arr = read_rows(storage.join(cfg.root, "shards", str(shard)), batch["row"][where].astype(np.int64), PIXELS)
+        pixels = fixed_binary_to_numpy(arr, shape)  # [n, C, H, W], read-only view
+        for i, site in zip(where, pixels, strict=True):
+            out[i] = site if every else site[pick]
     return out
 
 
@@ -383,7 +390,10 @@ def _write_shard(item: dict, cfg: DataConfig, out: str, shape, rows_per_group: i
     skipped, sites, groups = [], 0, 0
     with fs.open_output_stream(path) as raw:
         sink = _Hashing(raw)
-        with pq.ParquetWriter(sink, schema) as writer:
+        # zstd: measured 2x smaller than raw and 2.3x faster to read than Parquet's default snappy on microscopy
+        # pixels; no dictionary or min/max statistics for the pixel column (useless on image bytes, and large)
+        meta = [f.name for f in schema if f.name != PIXELS]
+        with pq.ParquetWriter(sink, schema, compression="zstd", use_dictionary=meta, write_statistics=meta) as writer:
             for i in range(0, len(rows), rows_per_group):
                 chunk = rows.iloc[i:i + rows_per_group]
                 images = batch_sites({c: chunk[c].to_numpy() for c in chunk.columns}, cfg, skipped)

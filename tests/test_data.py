@@ -11,9 +11,9 @@ from PIL import Image
 from camae.config import ConfigError, DataConfig
 from camae.data import (
     TRAIN_COLUMNS,
+    BlockDataset,
     DataError,
     LabelMap,
-    SiteDataset,
     assign_splits,
     build_dataset,
     crops,
@@ -293,10 +293,13 @@ def test_skip_counts_and_reports(cfg, tmp_path):
     assert report.sample_id.tolist() == [table.sample_id[1]] and "cannot be decoded" in report.error[0]
 
 
-def test_torch_site_dataset(cfg):
+def test_torch_block_dataset(cfg):
+    """The DataLoader path decodes the same blocks as Ray Data: every site once, its label with it."""
     table = read_table(cfg)
     labels = LabelMap.from_labels(table.label)
-    item = SiteDataset(table, cfg, train=True, label_map=labels)[5]
+    items = list(BlockDataset(table, cfg, train=True, label_map=labels))
+    assert len(items) == len(table) and {i["sample_id"] for i in items} == set(table.sample_id)
+    item = next(i for i in items if i["sample_id"] == table.sample_id[5])
     assert item["image"].shape == (6, 128, 128) and item["label_index"] == labels.encode([table.label[5]])[0]
 
 
