@@ -3,8 +3,9 @@
 - model only: forward + backward + optimizer step of the job's model (`finetune.worker.build_model`, mode full) on
   a uint8 batch already on the device, at the given batch and precision; variants: eager, timm AdamW with
   `fused=True` (CUDA), and `torch.compile`.
-- Ray Train: one worker (one GPU when present) running the job's `run_epoch` over `iter_torch_batches` of a
-  `camae pack` dataset, pinned and prefetched as in the job; img/s of the epochs after the first.
+- Ray Train: one worker (one GPU when present; on CPU one core, and the model-only side then gets one thread
+  too) running the job's `run_epoch` over `iter_torch_batches` of a `camae pack` dataset, pinned and prefetched
+  as in the job; img/s of the epochs after the first.
 
 MFU = img/s x FLOPs per image (counted by torch's FlopCounterMode on one forward + backward) / --peak-tflops.
 
@@ -157,15 +158,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--sites", type=int, default=1920)
+    parser.add_argument("--variants", nargs="+", choices=["eager", "compile", "fused"],
+                        help="model-only variants (default: all three on CUDA, eager on CPU)")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
     parser.add_argument("--data", type=Path, default=Path("/tmp/camae-train-throughput"))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # as the 1-CPU Ray Train worker gets (Ray sets OMP_NUM_THREADS=1): a fair pair
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cfg = job_config(args)
     flops = flops_per_image(cfg, device)
-    variants = ["eager", "compile"] + (["fused"] if device.type == "cuda" else [])
+    variants = args.variants or (["eager", "compile", "fused"] if device.type == "cuda" else ["eager"])
     rows = [{"loop": f"model only, {v}", "images_per_s": round(model_only(cfg, device, v, args.steps), 1)}
             for v in variants]
     rates = ray_train(cfg, args)

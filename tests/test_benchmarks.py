@@ -27,7 +27,30 @@ def test_ingest_benchmark_runs(tmp_path):
            "--data", str(tmp_path / "data"), "--out", str(tmp_path)]
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=600)
     rows = json.loads((tmp_path / "ingest.json").read_text())["rows"]
-    assert {r["mode"] for r in rows} == {"ray", "dataloader", "single"} and all(r["sites"] == 60 for r in rows)
+    assert {(r["format"], r["mode"]) for r in rows} == {(f, m) for f in ("png", "packed")
+                                                        for m in ("ray", "dataloader", "single")}
+    assert all(r["sites"] == 60 for r in rows)
+
+
+@pytest.mark.slow
+def test_decode_benchmark_runs(tmp_path):
+    cmd = [sys.executable, "benchmarks/decode.py", "--sites", "8", "--repeats", "1", "--data", str(tmp_path / "data"),
+           "--out", str(tmp_path)]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=600)
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    assert [r["format"] for r in rows] == ["png-256", "packed-256", "png-512", "packed-512", "jp2-pillow",
+                                           "jp2-imagecodecs"]
+    assert all(r["sites_per_s_per_core"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_train_throughput_benchmark_runs(tmp_path):
+    cmd = [sys.executable, "benchmarks/train_throughput.py", "--device", "cpu", "--encoder", "tiny", "--batch", "8",
+           "--steps", "2", "--epochs", "2", "--sites", "32", "--data", str(tmp_path / "data"), "--out", str(tmp_path)]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=600)
+    result = json.loads((tmp_path / "train_throughput_cpu.json").read_text())
+    assert [r["loop"] for r in result["rows"]] == ["model only, eager", "Ray Train on packed shards, end to end"]
+    assert result["gflop_per_image"] > 0 and all(r["images_per_s"] > 0 for r in result["rows"])
 
 
 @pytest.mark.slow
