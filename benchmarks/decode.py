@@ -42,7 +42,7 @@ def datasets(root: Path, sites: int) -> dict:
     from camae.shards import pack
     from camae.synth import ensure_dataset
 
-    wells = max(4, sites // 2)
+    wells = max(6, sites // 2)
     out = {}
     for size in (256, 512):
         plates = root / f"png-{size}"
@@ -55,7 +55,7 @@ def datasets(root: Path, sites: int) -> dict:
         out[f"packed-{size}"] = DataConfig(format="packed", root=str(packed))
     core = root / "rxrx3-core"
     ensure_dataset(core, SynthConfig(layout="rxrx3_core", experiments=2, plates_per_experiment=1,
-                                     wells_per_plate=max(4, sites // 2), controls_per_plate=2, size=512,
+                                     wells_per_plate=max(6, sites // 2), controls_per_plate=2, size=512,
                                      sites_per_well=1))
     jp2 = DataConfig(format="rxrx3_core", root=str(core), label_column="treatment", control_column="treatment",
                      control_values=["EMPTY_control"], batch_column="experiment_name", well_column="address")
