@@ -26,6 +26,7 @@ from camae.config import ConfigError, DataConfig
 RXRX1_CHANNELS = {"nuclei": 1, "er": 2, "actin": 3, "rna": 4, "mito": 5, "golgi": 6}
 META_COLUMNS = ["sample_id", "plate", "batch", "well", "site", "label", "is_control"]
 SHARD_FORMATS = ("packed", "rxrx3_core")  # sites in Parquet shards, read by row group (camae.shards)
+TRAIN_MIX = 4  # packed training: row groups (of random plates) per decode task
 TRAIN_COLUMNS = ["image", "label_index"]  # what a training loop needs; all numeric, so iter_torch_batches works
 
 
@@ -162,6 +163,12 @@ def _read_rxrx3_core(cfg: DataConfig) -> pd.DataFrame:
     unknown = [c for c in cfg.channels if c not in RXRX1_CHANNELS]
     if unknown:
         raise ConfigError(f"data.channels has {unknown}, not RxRx3-core channels; choose from {list(RXRX1_CHANNELS)}")
+    if cfg.jp2_decoder == "imagecodecs":
+        import importlib.util
+
+        if importlib.util.find_spec("imagecodecs") is None:
+            raise ConfigError("data.jp2_decoder=imagecodecs, but imagecodecs is not installed on this node; "
+                              "`pip install imagecodecs` on every node, or set data.jp2_decoder=pillow")
     where = storage.join(cfg.root, "metadata_rxrx3_core.csv")
     if not storage.exists(where):
         raise DataError(f"{where} does not exist; point data.root at the RxRx3-core directory (downloaded by you, "
@@ -415,13 +422,23 @@ def skipped_report(skip_log: str | Path) -> pd.DataFrame:
 
 
 def blocks(table: pd.DataFrame, cfg: DataConfig, train: bool, n_blocks: int | None = None) -> list[pd.DataFrame]:
-    """The table cut into decode tasks' inputs. Image files: `n_blocks` (default: decode_batch_size sites each)
-    contiguous parts, sites shuffled first for training. Packed: one row group per block, so a task reads exactly
-    the rows it decodes. RxRx3-core: decode_batch_size sites in shard order, so a task reads few row groups.
+    """The table cut into decode tasks' inputs.
+    - Image files: `n_blocks` (default: decode_batch_size sites each) contiguous parts, sites shuffled first for
+      training.
+    - Packed: one row group per block (training: TRAIN_MIX random row groups), so a task reads exactly the rows it
+      decodes.
+    - RxRx3-core: decode_batch_size sites in shard order, so a task reads few row groups.
     Training randomizes the block order (the consumer's local shuffle buffer mixes sites across blocks)."""
     if cfg.format == "packed":
         table = table.sort_values(["shard", "row"])
-        return [g.reset_index(drop=True) for _, g in table.groupby(["shard", "row_group"], sort=True)]
+        groups = [g.reset_index(drop=True) for _, g in table.groupby(["shard", "row_group"], sort=True)]
+        if not train:
+            return groups
+        # A row group holds neighbouring wells of one plate: a training block joins TRAIN_MIX random ones (each still
+        # read whole), so every block, and the shuffle buffer after it, mixes plates and perturbations
+        order = np.random.default_rng(cfg.seed).permutation(len(groups))
+        return [pd.concat([groups[k] for k in order[i:i + TRAIN_MIX]], ignore_index=True)
+                for i in range(0, len(order), TRAIN_MIX)]
     if cfg.format == "rxrx3_core":
         first = cfg.channels[0]
         table = table.sort_values([f"shard_{first}", f"row_{first}"])
@@ -465,14 +482,22 @@ class BlockDataset(torch.utils.data.IterableDataset):
                  columns: list[str] | None = None):
         self.parts = blocks(table, cfg, train)
         self.cfg, self.train, self.label_map, self.columns = cfg, train, label_map, columns
+        self.passes = 0  # in-process passes (no loader workers)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for part in self.parts[worker::workers]:
+        order = np.arange(len(self.parts))
+        if self.train:  # a new block order per pass, the same in every loader worker: the loader's base seed
+            pass_seed = info.seed - info.id if info else self.passes
+            self.passes += 1
+            order = np.random.default_rng([self.cfg.seed, pass_seed]).permutation(order)
+        for b in order[worker::workers]:
+            part = self.parts[b]
             batch = decode_batch({c: part[c].to_numpy() for c in part.columns}, self.cfg, self.train,
                                  self.label_map, columns=self.columns)
-            yield from ({k: v[i] for k, v in batch.items()} for i in range(len(batch["image"])))
+            n = len(next(iter(batch.values())))
+            yield from ({k: v[i] for k, v in batch.items()} for i in range(n))
 
 
 def prepare_dataset(cfg: DataConfig, synth=None, run_dir: str | Path | None = None):

@@ -109,6 +109,23 @@ def test_packed_training_stream(packed):
     assert sorted(np.bincount(batch["label_index"])) == sorted(np.bincount(labels.encode(table["label"])))
 
 
+def test_packed_training_blocks_mix_plates(packed):
+    """A row group holds neighbouring wells of one plate; a training block joins TRAIN_MIX random row groups."""
+    from camae.data import TRAIN_MIX, blocks
+
+    cfg = packed_cfg(packed)
+    table = read_table(cfg)
+    parts = blocks(table, cfg, train=True)
+    assert len(parts) == 20 // TRAIN_MIX and sorted(pd.concat(parts)["sample_id"]) == sorted(table["sample_id"])
+    assert all(p.groupby(["shard", "row_group"]).ngroups == TRAIN_MIX for p in parts)
+    assert np.mean([p["plate"].nunique() > 1 for p in parts]) > 0.5
+    assert all(p.groupby(["shard", "row_group"]).ngroups == 1 for p in blocks(table, cfg, train=False))
+    loader = torch.utils.data.DataLoader(BlockDataset(table, cfg, True, columns=["sample_id"]), batch_size=80,
+                                         num_workers=2)
+    epochs = [[s for b in loader for s in b["sample_id"]] for _ in range(2)]
+    assert all(sorted(e) == sorted(table["sample_id"]) for e in epochs) and epochs[0] != epochs[1]
+
+
 def test_dataloader_reads_the_same_blocks(packed):
     cfg = packed_cfg(packed, eval_crop="center")
     table = read_table(cfg)
@@ -359,3 +376,12 @@ def test_evaluate_on_packed_shards_equals_the_images(ray_session, packed, plates
         metrics[name] = {(r.data.tags.get("camae.correction"), k): v for r in runs for k, v in r.data.metrics.items()
                          if "per_s" not in k and "seconds" not in k}
     assert len(metrics["packed"]) > 40 and metrics["packed"] == metrics["images"]
+
+
+def test_missing_jp2_decoder_is_one_line_before_any_decoding(rxrx3, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "imagecodecs" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"data.jp2_decoder=imagecodecs, but imagecodecs is not installed"):
+        read_table(rxrx3_cfg(rxrx3, jp2_decoder="imagecodecs"))
