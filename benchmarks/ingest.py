@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import threading
@@ -28,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 MODES = ["ray", "dataloader", "single"]
+WARM_EPOCHS = 3  # after the cold one; their median is the warm figure
 FORMATS = ["png", "packed"]
 
 
@@ -91,7 +93,8 @@ def _epoch(batches) -> tuple[int, float]:
 
 
 def run_mode(mode: str, root: str, workers: int, batch: int) -> dict:
-    """Two epochs over the dataset in `mode`: the first cold (worker start-up included), the second warm."""
+    """Epochs over the dataset in `mode`: the first cold (worker start-up included), then WARM_EPOCHS warm, then one
+    with the memory sampler."""
     from camae.config import DataConfig
     from camae.data import TRAIN_COLUMNS, BlockDataset, LabelMap, build_dataset, read_table
 
@@ -118,9 +121,12 @@ def run_mode(mode: str, root: str, workers: int, batch: int) -> dict:
 
         epoch = lambda: torch.utils.data.DataLoader(BlockDataset(table, cfg, False, labels, TRAIN_COLUMNS),  # noqa: E731
                                                     batch_size=batch)
+    n, cold = _epoch(epoch())
+    warm = statistics.median(_epoch(epoch())[1] for _ in range(WARM_EPOCHS))
+    # memory in a pass of its own: reading smaps of every process is costly, most of all for Ray's many processes,
+    # and would slow the timed passes unevenly
     with PeakMemory() as memory:
-        n, cold = _epoch(epoch())
-        _, warm = _epoch(epoch())
+        _epoch(epoch())
     return {"mode": mode, "sites": n, "cold_s": round(cold, 2), "cold_sites_per_s": round(n / cold, 1),
             "warm_sites_per_s": round(n / warm, 1), "peak_pss_mib": round(memory.peak)}
 
@@ -159,7 +165,9 @@ def write(rows: list[dict], args) -> None:
     (args.out / "ingest.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"# ingest: {args.workers} workers on {os.cpu_count()} CPUs, batch {args.batch}, 6x256x256 sites "
              "(png: one PNG per channel; packed: `camae pack` shards), end to end into torch batches", "",
-             "Two epochs per mode in a fresh process: epoch 1 cold (worker start-up included), epoch 2 warm.", "",
+             "Five epochs per mode in a fresh process: epoch 1 cold (worker start-up included), warm: the median of "
+             "epochs 2-4, peak PSS: epoch 5 (sampled apart: reading every process's smaps slows the timed epochs). "
+             "Ray Data prefetches 2 x workers batches, as many as the DataLoader keeps in flight.", "",
              "| format | scale | mode | sites | epoch 1 s | epoch 1 sites/s | warm sites/s | warm vs DataLoader "
              "| packed vs png | peak PSS MiB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
