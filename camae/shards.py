@@ -52,11 +52,18 @@ class PackError(ValueError):
 # Reading rows of a Parquet file by position
 
 
-def read_rows(location: str, rows: np.ndarray, column: str) -> pa.Array:
-    """`column` at positions `rows` of one Parquet file (path or URI), in the order given, reading only the row
-    groups they are in."""
-    fs, path = storage.filesystem(location)
-    with fs.open_input_file(path) as f:
+@lru_cache(maxsize=8)
+def _root_filesystem(root: str):
+    """(filesystem, path) of a dataset root, built once per process: decode tasks open many files under one root,
+    and an object-store client is costly to set up."""
+    return storage.filesystem(root)
+
+
+def read_rows(root: str, relative: str, rows: np.ndarray, column: str) -> pa.Array:
+    """`column` at positions `rows` of the Parquet file `relative` under `root` (a path or URI), in the order given,
+    reading only the row groups they are in."""
+    fs, base = _root_filesystem(storage.resolve(root))
+    with fs.open_input_file(posixpath.join(base, relative)) as f:
         pf = pq.ParquetFile(f)
         sizes = np.array([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(sizes)])
@@ -145,7 +152,7 @@ def packed_sites(batch: dict[str, np.ndarray], cfg: DataConfig) -> list[np.ndarr
     out: list = [None] * len(batch["shard"])
     for shard in np.unique(batch["shard"]):
         where = np.flatnonzero(batch["shard"] == shard)
-        arr = read_rows(storage.join(cfg.root, "shards", str(shard)), batch["row"][where].astype(np.int64), PIXELS)
+        arr = read_rows(cfg.root, f"shards/{shard}", batch["row"][where].astype(np.int64), PIXELS)
         pixels = fixed_binary_to_numpy(arr, shape)  # [n, C, H, W], read-only view
         for i, site in zip(where, pixels, strict=True):
             out[i] = site if every else site[pick]
@@ -195,7 +202,7 @@ def rxrx3_sites(batch: dict[str, np.ndarray], cfg: DataConfig) -> list:
                                            "RxRx3-core shards")
     for shard in sorted({s for s, *_ in wanted if s}):
         mine = [w for w in wanted if w[0] == shard]
-        arr = read_rows(storage.join(cfg.root, "data", shard), np.array([w[1] for w in mine]), "jp2")
+        arr = read_rows(cfg.root, f"data/{shard}", np.array([w[1] for w in mine]), "jp2")
         blobs = arr.field("bytes") if pa.types.is_struct(arr.type) else arr  # datasets' Image: {bytes, path}
         for (_, row, i, k), blob in zip(mine, blobs, strict=True):
             try:
