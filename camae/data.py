@@ -61,6 +61,9 @@ def read_table(cfg: DataConfig) -> pd.DataFrame:
     if duplicated.any():
         raise DataError(f"site {table['sample_id'][duplicated].iloc[0]} appears twice in the table; each row must "
                         "be one imaged site (plate, well, site)")
+    for col in cfg.extra_columns:  # text with gaps (NaN among strings) as None: Arrow stores it as text, not pickles
+        if pd.api.types.is_string_dtype(table[col]) or table[col].dtype == object:
+            table[col] = pd.Series([None if pd.isna(v) else v for v in table[col]], index=table.index, dtype=object)
     return table[META_COLUMNS + where_columns(cfg) + list(cfg.extra_columns)].reset_index(drop=True)
 
 

@@ -275,7 +275,7 @@ def pack(cfg: DataConfig, out: str, shard_mb: float = 256, rows_per_group: int =
 
 def _copy_relationships(cfg: DataConfig, out: str) -> None:
     """Known perturbation relationships (camae synth writes them beside the plates) travel with the pack."""
-    source = storage.join(cfg.root, "relationships.csv") if cfg.format == "rxrx1" else None
+    source = storage.join(cfg.root, "relationships.csv") if cfg.format in ("rxrx1", "rxrx3_core") else None
     if source and storage.exists(source):
         storage.write_text(storage.join(out, "relationships.csv"), storage.read_text(source))
 

@@ -16,7 +16,8 @@ Writes metadata.csv (RxRx1 columns), images/{experiment}/Plate{plate}/{well}_s{s
 relationships.csv and synth.yaml (the resolved settings). Deterministic from the seed.
 
 With layout=rxrx3_core the same plates are written as RxRx3-core is published (`write_rxrx3_core`):
-metadata_rxrx3_core.csv and data/train-*.parquet with one JPEG 2000 channel image per row.
+metadata_rxrx3_core.csv and data/train-*.parquet with one JPEG 2000 channel image per row, plus relationships.csv
+with the compound-gene pairs that share an effect.
 """
 
 from __future__ import annotations
@@ -329,5 +330,10 @@ def write_rxrx3_core(out: Path, cfg: SynthConfig, meta: pd.DataFrame) -> pd.Data
         pq.write_table(shard, out / "data" / f"train-{s:05d}-of-{n_shards:05d}.parquet",
                        row_group_size=RXRX3_ROWS_PER_GROUP)
     table.drop(columns=["sirna_id", "synth_experiment"]).to_csv(out / "metadata_rxrx3_core.csv", index=False)
+    # compound j acts as the knockouts of GENE-(2j+1) and GENE-(2j+2) do (one effect direction): the
+    # compound-gene pairs RxRx3-core's benchmark asks a model to recover
+    pairs = [(f"CPD-{j + 1:02d}", f"GENE-{k + 1:02d}") for j in range(-(-cfg.classes // 2))
+             for k in (2 * j, 2 * j + 1) if k < cfg.classes]
+    pd.DataFrame(pairs, columns=["perturbation_a", "perturbation_b"]).to_csv(out / "relationships.csv", index=False)
     save_config(cfg, out / "synth.yaml")
     return table

@@ -228,6 +228,8 @@ def test_synthetic_rxrx3_core_has_the_published_layout(rxrx3):
     assert (meta["treatment"] == "EMPTY_control").sum() == 4
     compounds = meta[meta["perturbation_type"] == "COMPOUND"]
     assert set(compounds["concentration"]) == {0.25, 2.5} and compounds["SMILES"].notna().all()
+    assert pd.read_csv(rxrx3 / "relationships.csv").values.tolist() == [
+        ["CPD-01", "GENE-01"], ["CPD-01", "GENE-02"], ["CPD-02", "GENE-03"], ["CPD-02", "GENE-04"]]
     shards = sorted((rxrx3 / "data").glob("train-*.parquet"))
     assert len(shards) == 5  # 144 channel images, 32 per shard
     first = pq.read_table(shards[0]).to_pandas()
@@ -296,6 +298,7 @@ def test_pack_rxrx3_core_then_read_packed(ray_session, rxrx3, tmp_path):
     cfg = rxrx3_cfg(rxrx3, extra_columns=["gene", "concentration"])
     result = pack(cfg, str(tmp_path / "packed"), rows_per_group=8)
     assert (result.sites, result.skipped) == (24, 0)
+    assert (tmp_path / "packed" / "relationships.csv").read_text() == (rxrx3 / "relationships.csv").read_text()
     pcfg = DataConfig(format="packed", root=str(tmp_path / "packed"), crop_size=256, eval_crop="tile",
                       extra_columns=["gene", "concentration"])
     table = read_table(pcfg)
@@ -385,3 +388,26 @@ def test_missing_jp2_decoder_is_one_line_before_any_decoding(rxrx3, monkeypatch)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "imagecodecs" else real(name, *a))
     with pytest.raises(ConfigError, match=r"data.jp2_decoder=imagecodecs, but imagecodecs is not installed"):
         read_table(rxrx3_cfg(rxrx3, jp2_decoder="imagecodecs"))
+
+
+@pytest.mark.slow
+def test_evaluate_job_on_rxrx3_core_with_its_config(ray_session, tmp_path, monkeypatch):
+    """configs/evaluate/rxrx3-core.yaml on the synthetic RxRx3-core layout: controls from `treatment`, batches from
+    `experiment_name`, the compound-gene pairs of relationships.csv scored by the biology metrics."""
+    from mlflow.tracking import MlflowClient
+
+    from evaluation.evaluate import main
+
+    monkeypatch.delenv("CAMAE_PARENT_RUN_ID", raising=False)
+    core = tmp_path / "core"  # 2 experiments x 2 plates x 12 wells, 4 of them EMPTY_control
+    generate(core, SynthConfig(**{**RX3, "size": 256, "plates_per_experiment": 2, "controls_per_plate": 4}))
+    sets = [f"data.root={core}", "data.split_by=plate", "data.val_fraction=0", "data.test_fraction=0.25",
+            "embed.encoder.checkpoint=null", "embed.encoder.embed_dim=32", "embed.encoder.depth=2",
+            "embed.encoder.num_heads=2", "embed.batch_size=16", "correction.by=plate",
+            "correction.methods=[raw, pca_centerscale]", "biology.null_size=100", f"run.output_dir={tmp_path}"]
+    assert main(["--config", str(REPO / "configs/evaluate/rxrx3-core.yaml"), *[a for s in sets
+                                                                               for a in ("--set", s)]]) == 0
+    summary = json.loads((tmp_path / "openphenom-rxrx3-core" / "summary.json").read_text())
+    assert summary["embedding"]["sites"] == 48 and summary["embedding"]["skipped"] == 0
+    metrics = MlflowClient(summary["tracking_uri"]).get_run(summary["run_id"]).data.metrics
+    assert {"raw/bio/map", "pca_centerscale/bio/recall_0.05_0.95"} <= set(metrics)
