@@ -411,3 +411,38 @@ def test_evaluate_job_on_rxrx3_core_with_its_config(ray_session, tmp_path, monke
     assert summary["embedding"]["sites"] == 48 and summary["embedding"]["skipped"] == 0
     metrics = MlflowClient(summary["tracking_uri"]).get_run(summary["run_id"]).data.metrics
     assert {"raw/bio/map", "pca_centerscale/bio/recall_0.05_0.95"} <= set(metrics)
+
+
+def test_sixteen_bit_stacks_are_packed_with_the_mapping_applied(ray_session, tmp_path):
+    """A manifest of 16-bit multi-channel TIFFs: the pack holds what training would decode (the percentile mapping
+    per image and channel), records the mapping, and keeps the extra columns."""
+    import tifffile
+
+    from camae.data import load_site, to_uint8
+
+    stacks = np.random.default_rng(0).integers(0, 2**12, (4, 3, 130, 140), dtype=np.uint16)
+    for i, stack in enumerate(stacks):
+        tifffile.imwrite(tmp_path / f"s{i}.tiff", stack, photometric="minisblack")
+    pd.DataFrame({"plate": ["P1", "P1", "P2", "P2"], "well": ["A01", "A02"] * 2, "site": 1, "label": list("xyxy"),
+                  "ctrl": ["no", "yes"] * 2, "dose": [0.1, None, 1.0, None],
+                  "file": [f"s{i}.tiff" for i in range(4)]}).to_csv(tmp_path / "m.csv", index=False)
+    cfg = DataConfig(format="manifest", root=str(tmp_path / "m.csv"), image_column="file",
+                     file_channels=["DNA", "ER", "Mito"], channels=["Mito", "DNA"], label_column="label",
+                     control_column="ctrl", control_values=["yes"], batch_column=None, crop_size=128,
+                     extra_columns=["dose"], percentiles=[1.0, 99.0])
+    pack(cfg, str(tmp_path / "packed"))
+    manifest = read_manifest(str(tmp_path / "packed"))
+    assert manifest["shape"] == [2, 130, 140] and manifest["channels"] == ["Mito", "DNA"]
+    assert manifest["uint16_mapping"] == {"mapping": "percentile", "percentiles": [1.0, 99.0], "source_bits": 16,
+                                          "applied_to": "integer images wider than uint8"}
+    pcfg = DataConfig(format="packed", root=str(tmp_path / "packed"), channels=["DNA"], crop_size=128,
+                      extra_columns=["dose"])
+    table = read_table(pcfg).sort_values("sample_id").reset_index(drop=True)
+    assert table["dose"].tolist()[::2] == [0.1, 1.0] and table["dose"].isna().tolist() == [False, True] * 2
+    from camae.shards import packed_sites
+
+    got = packed_sites({c: table[c].to_numpy() for c in table.columns}, pcfg)
+    source = read_table(cfg).sort_values("sample_id").reset_index(drop=True)
+    for i in range(4):
+        assert np.array_equal(got[i][0], load_site(source.iloc[i].to_dict(), cfg)[1])
+        assert np.array_equal(got[i][0], to_uint8(stacks[int(source["path"][i][-6])][0], cfg))

@@ -63,6 +63,23 @@ def sweep_args(tmp: Path) -> list[str]:
     return [a for s in sets for a in ("--set", s)]
 
 
+def _release_placement_groups_of_the_stopped_driver(ray, seconds: float = 30) -> None:
+    """The interrupted sweep ran as its own driver on this test's cluster. Ray frees a dead driver's placement
+    groups through that driver's PlacementGroupCleaner actor, which at times outlives it without freeing them (seen
+    in CI: the cleaner of the stopped job still alive minutes later, its trial's bundle still reserved, and the
+    resumed trial's Ray Data then without a CPU, waiting forever). Wait for Ray to free them, else free them here."""
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        left = [pg for pg, info in placement_group_table().items() if info["state"] == "CREATED"]
+        if not left:
+            return
+        time.sleep(1)
+    for pg in left:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg))))
+
+
 @pytest.mark.slow
 def test_sweep_interrupted_resumes_and_nests_runs_beside_the_baseline(ray_session, tmp_path):
     from mlflow.tracking import MlflowClient
@@ -85,6 +102,7 @@ def test_sweep_interrupted_resumes_and_nests_runs_beside_the_baseline(ray_sessio
     log = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, log[-3000:]
     assert "rerun the same command to resume" in log
+    _release_placement_groups_of_the_stopped_driver(ray_session)
 
     assert main(args) == 0  # the same command again: resumes
     summary = json.loads((out / "summary.json").read_text())
