@@ -62,8 +62,8 @@ def _root_filesystem(root: str):
 def read_rows(root: str, relative: str, rows: np.ndarray, column: str) -> pa.Array:
     """`column` at positions `rows` of the Parquet file `relative` under `root` (a path or URI), in the order given,
     reading only the row groups they are in."""
-    fs, base = _root_filesystem(storage.resolve(root))
-    with fs.open_input_file(posixpath.join(base, relative)) as f:
+    fs, root_path = _root_filesystem(storage.resolve(root))
+    with fs.open_input_file(posixpath.join(root_path, relative)) as f:
         pf = pq.ParquetFile(f)
         sizes = np.array([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(sizes)])
