@@ -11,6 +11,7 @@ RxRx3-core) are read by camae.shards.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import uuid
@@ -176,9 +177,7 @@ def _read_rxrx3_core(cfg: DataConfig) -> pd.DataFrame:
     if not storage.exists(where):
         raise DataError(f"{where} does not exist; point data.root at the RxRx3-core directory (downloaded by you, "
                         "or written by `camae synth --set layout=rxrx3_core`)")
-    fs, path = storage.filesystem(where)
-    with fs.open_input_stream(path) as f:
-        df = pd.read_csv(f)
+    df = pd.read_csv(io.StringIO(storage.read_text(where)))
     if cfg.site_column not in df.columns:
         df[cfg.site_column] = 1  # RxRx3-core images one site per well
     _require_columns(df, ["experiment_name", "plate", "address"], where)
