@@ -24,14 +24,24 @@ HEAD_FILE, META_FILE = "head.safetensors", "classifier.json"
 log = logging.getLogger("camae")
 
 
+_warned: set = set()
+
+
+def warn_random(cfg) -> None:
+    """Once per process: an encoder without a checkpoint is random (jobs say it before they start)."""
+    if not cfg.checkpoint and "random" not in _warned:
+        _warned.add("random")
+        log.warning("no checkpoint is set: the encoder starts from RANDOM weights. Fine for smoke runs; for real "
+                    "work point the config's checkpoint at the downloaded OpenPhenom directory.")
+
+
 def base_model(cfg) -> MAEModel:
     """The pretrained model named by `cfg.checkpoint` (an OpenPhenom directory or a camae export), or random
     weights of cfg.embed_dim / depth / num_heads drawn with cfg.seed (the same in every job and process), with a
     loud warning. `cfg`: an EncoderSpec."""
     if cfg.checkpoint:
         return MAEModel.from_pretrained(cfg.checkpoint, bias_routing=cfg.bias_routing)
-    log.warning("no checkpoint is set: the encoder starts from RANDOM weights. Fine for smoke runs; for real work "
-                "point the config's checkpoint at the downloaded OpenPhenom directory.")
+    warn_random(cfg)
     # LayerScale starts at 1, not the pretraining 1e-4: with blocks muted, mean-pooled patch embeddings of
     # per-channel standardized images are nearly the same for every image and nothing can be learned.
     encoder = EncoderConfig(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, init_values=1.0,

@@ -17,15 +17,39 @@ FORWARDED = ("AWS_", "GOOGLE_", "AZURE_", "MLFLOW_TRACKING_")  # credentials and
 def connect() -> None:
     """Join the cluster named by $RAY_ADDRESS (set by `ray job submit`), else start a local one. A driver started
     outside `ray job submit` (`camae finetune` with RAY_ADDRESS set) hands its object-store and MLflow credentials
-    (FORWARDED variables) to every worker through the runtime env, as `--runtime-env-json` does for a job."""
+    (FORWARDED variables) to every worker through the runtime env, as `--runtime-env-json` does for a job.
+
+    Quiet unless --verbose (camae.console): workers' and actors' output stays in the session's log files. A local
+    cluster's processes are told its dashboard (RAY_API_SERVER_ADDRESS): Ray Train's PlacementGroupCleaner asks the
+    state API whether its controller lives, and without an address that API looks for "the" local cluster and
+    fails with a traceback ("Found multiple active Ray instances") whenever another one runs on the machine."""
+    import logging
+
     import ray
     from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
+    from camae.console import quiet_ray_data, verbose
+
     if ray.is_initialized():
         return
-    forward = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED)}
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED)}
     in_job = RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ  # a job's own runtime env already carries them
-    ray.init(log_to_driver=True, runtime_env={"env_vars": forward} if forward and not in_job else None)
+    local = os.environ.get("RAY_ADDRESS", "local") == "local" and not in_job
+    options = {}
+    if local:
+        options["dashboard_port"] = _free_port()
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{options['dashboard_port']}"
+    ray.init(log_to_driver=verbose(), logging_level=logging.INFO if verbose() else logging.ERROR,
+             runtime_env={"env_vars": env} if env and not in_job else None, **options)
+    quiet_ray_data()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def alive_nodes() -> list[dict]:

@@ -497,6 +497,9 @@ class SweepConfig:
     """Sweep name: outputs go to <the base's run.output_dir>/name (rerunning resumes it)."""
     experiment: str | None = None
     """MLflow experiment; default: the base config's tracking.experiment."""
+    register: bool = True
+    """Register the best finished trial's MLflow model in the Model Registry under `name`, with the alias
+    @champion (needs the trials' tracking.log_model, the default)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -587,11 +590,28 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def job_parser(prog: str, doc: str | None, configs: str) -> argparse.ArgumentParser:
-    """The command line every job shares: --config (a YAML in configs/<configs>/) and repeatable --set."""
+    """The command line every job shares: --config (a YAML in configs/<configs>/; without it the quickstart there,
+    said aloud), repeatable --set, and --verbose (Ray's own output in the terminal too)."""
     parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help=f"a YAML in configs/{configs}/")
+    quickstart = f"configs/{configs}/quickstart.yaml"
+    parser.add_argument("--config", default=None, help=f"a YAML in configs/{configs}/ (default: {quickstart}, the "
+                                                       "small synthetic run; never the full-size defaults)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's worker, Train, Tune and Data output too "
+                                                               "(otherwise in the Ray session's log files)")
+    parser.set_defaults(quickstart=quickstart)
     return parser
+
+
+def job_config(args: argparse.Namespace) -> str:
+    """The config file a job runs: --config, else the quickstart of its kind (run from the repository root)."""
+    if args.config:
+        return args.config
+    if not Path(args.quickstart).is_file():
+        raise ConfigError(f"no --config given and {args.quickstart} is not here (run from the repository root, or "
+                          "pass --config FILE)")
+    print(f"[camae] no --config: running the quickstart, {args.quickstart}", flush=True)
+    return args.quickstart
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:

@@ -32,3 +32,19 @@ def test_typo_in_a_config_file_is_named(tmp_path):
 def test_overrides_apply_and_parse_yaml():
     cfg = load_config(DataConfig, CONFIGS / "data" / "synthetic.yaml", ["channels=[nuclei, mito]", "seed=3"])
     assert cfg.channels == ["nuclei", "mito"] and cfg.seed == 3
+
+
+@pytest.mark.parametrize("kind", ["finetune", "tune", "evaluate"])
+def test_jobs_without_config_run_their_quickstart_and_say_so(kind, monkeypatch, tmp_path, capsys):
+    """`camae finetune` with no --config is the quickstart (said aloud), never the full-size defaults; outside the
+    repository it is one clear error."""
+    from camae.config import job_config, job_parser
+
+    monkeypatch.chdir(CONFIGS.parent)
+    args = job_parser("camae", None, kind).parse_args([])
+    assert job_config(args) == f"configs/{kind}/quickstart.yaml"
+    assert f"no --config: running the quickstart, configs/{kind}/quickstart.yaml" in capsys.readouterr().out
+    assert job_config(job_parser("camae", None, kind).parse_args(["--config", "x.yaml"])) == "x.yaml"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="run from the repository root, or pass --config FILE"):
+        job_config(args)
