@@ -59,19 +59,35 @@ def flatten(d: dict) -> dict[str, str]:
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in dotted_items(d).items()}
 
 
-def ui_command(tracking_uri: str) -> str:
-    """The line every job ends with: how to open the MLflow UI on its store, on 127.0.0.1 only."""
-    return f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+def ui_command(tracking_uri: str, experiment: str | None = None) -> str:
+    """The lines every job ends with: how to open the MLflow UI on its store (127.0.0.1 only; the venv's mlflow,
+    so it works in a fresh shell), and the experiment's page in the comparison view (`VIEW`) when it has one."""
+    import sys
+
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    command = f"{mlflow_bin if mlflow_bin.is_file() else 'mlflow'} ui --backend-store-uri {tracking_uri} " \
+              "--host 127.0.0.1 --port 5000"
+    if not tracking_uri.startswith("sqlite:///"):
+        command = f"MLflow server: {tracking_uri}"
+        base = tracking_uri.rstrip("/")
+    else:
+        command, base = f"MLflow UI: {command}", "http://127.0.0.1:5000"
+    exp = MlflowClient(tracking_uri).get_experiment_by_name(experiment) if experiment else None
+    if exp is None:
+        return command
+    return f"{command}\nthen open {experiment_url(base, exp.experiment_id)}"
+
+
+def experiment_url(base: str, experiment_id: str) -> str:
+    """The experiment's runs table in the model-training view, with camae's comparison columns (`VIEW`)."""
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&{VIEW_KEY}={VIEW}"
 
 
 def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict, tags: dict,
               parent_run_id: str | None = None) -> str:
     """Create a run (nested under parent_run_id if given) with params and tags; returns its id."""
     client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        client.create_experiment(experiment, artifact_location=_artifact_location(tracking_uri, experiment))
-        exp = client.get_experiment_by_name(experiment)
+    exp = experiment_for(client, tracking_uri, experiment)
     all_tags = {k: str(v) for k, v in tags.items()}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
@@ -80,6 +96,59 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict, t
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in items[i:i + 100]])
     return run.info.run_id
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The experiment page: what MLflow 3's UI shows first
+
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the model-training view, not GenAI's
+VIEW_KEY, VIEW = "viewStateShareKey", "camae-comparison"
+COLUMNS = ("best/val/accuracy", "test/accuracy", "test/chance_accuracy", "test/balanced_accuracy", "test/macro_f1")
+
+
+def experiment_for(client: MlflowClient, tracking_uri: str, name: str):
+    """The experiment `name` (created if missing), set to open in the model-training view with camae's comparison
+    view stored beside it."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        client.create_experiment(name, artifact_location=_artifact_location(tracking_uri, name))
+        exp = client.get_experiment_by_name(name)
+    if exp.tags.get(f"mlflow.sharedViewState.{VIEW}") != comparison_view():
+        for key, value in {**EXPERIMENT_KIND, f"mlflow.sharedViewState.{VIEW}": comparison_view()}.items():
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp
+
+
+def comparison_view() -> str:
+    """A shared view of the runs table (what the UI's Share button stores as an experiment tag and opens with
+    ?viewStateShareKey=...): the accuracy columns beside chance, sorted by test accuracy, every run visible.
+    MLflow 3 has no server-side default columns; this link is the way to open the page set up."""
+    metric = lambda k: f"metrics.`{k}`"  # noqa: E731 -- the UI's column key
+    state = {"orderByKey": metric("test/accuracy"), "orderByAsc": False, "searchFilter": "",
+             "selectedColumns": [metric(k) for k in COLUMNS] + ["tags.`camae.kind`", "attributes.`Models`",
+                                                                 "attributes.`Dataset`"],
+             "runsHiddenMode": "SHOW_ALL", "runsExpanded": {}, "hideEmptyCharts": True}
+    return json.dumps(state, sort_keys=True)
+
+
+def log_split(tracking_uri: str, run_id: str, table, name: str, source: str) -> None:
+    """The run's inputs (the runs table's Dataset column): one MLflow dataset per split of the plate split table,
+    in context train / val / test, with its digest, source and size."""
+    import warnings
+
+    import mlflow.data
+    from mlflow.entities import DatasetInput, InputTag
+
+    columns = [c for c in ("sample_id", "experiment", "plate", "well", "site", "label", "is_control", "split")
+               if c in table]
+    inputs = []
+    with warnings.catch_warnings():  # MLflow's hints on a local source and integer columns: not for users
+        warnings.simplefilter("ignore")
+        for split, rows in table[columns].groupby("split", sort=False):
+            ds = mlflow.data.from_pandas(rows.reset_index(drop=True), source=source, name=f"{name} {split}",
+                                         targets="label")
+            inputs.append(DatasetInput(ds._to_mlflow_entity(), [InputTag("mlflow.data.context", str(split))]))
+    MlflowClient(tracking_uri).log_inputs(run_id, datasets=inputs)
 
 
 def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
@@ -166,6 +235,9 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(tracking_uri).set_terminated(run_id, status)
 
 
+METRICS_VERSION = 2  # what a probe run logs (2: best/val/..., datasets); older runs are not reused
+
+
 def baseline_key(cfg, split: str) -> str:
     """Identity of a probe baseline (an EvaluateConfig on a split): the same key means the same encoder (weights
     by content), the same images (dataset root and layout, channels, 16-bit mapping, crops), the same corrections
@@ -174,8 +246,8 @@ def baseline_key(cfg, split: str) -> str:
     from camae.identity import data_identity, digest, encoder_identity
 
     d = to_dict(cfg)
-    return digest({"split": split, "encoder": encoder_identity(cfg.embed.encoder), "data": data_identity(cfg.data),
-                   "correction": d["correction"], "probes": d["probes"]})
+    return digest({"metrics": METRICS_VERSION, "split": split, "encoder": encoder_identity(cfg.embed.encoder),
+                   "data": data_identity(cfg.data), "correction": d["correction"], "probes": d["probes"]})
 
 
 def find_runs(tracking_uri: str, experiment: str, tags: dict[str, str]) -> list:
@@ -186,3 +258,21 @@ def find_runs(tracking_uri: str, experiment: str, tags: dict[str, str]) -> list:
         return []
     query = " and ".join([f"tags.`{k}` = '{v}'" for k, v in tags.items()] + ["attributes.status = 'FINISHED'"])
     return client.search_runs([exp.experiment_id], filter_string=query, max_results=1000)
+
+
+def comparison(tracking_uri: str, experiment: str, split: str):
+    """The comparison a biologist reads, straight from MLflow: every finished probe and fine-tune run of
+    `experiment` on plate split `split`, best test accuracy first, with its 95% interval and chance."""
+    import pandas as pd
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = [] if exp is None else client.search_runs(
+        [exp.experiment_id], f"tags.`camae.split` = '{split}' and attributes.status = 'FINISHED'", max_results=1000)
+    runs = [r for r in runs if r.data.tags.get("camae.kind") in ("probe", "finetune")]  # (tags have no IN filter)
+    keys = ("best/val/accuracy", "test/accuracy", "test/accuracy_ci_low", "test/accuracy_ci_high",
+            "test/chance_accuracy")
+    rows = [{"run": r.info.run_name, "kind": r.data.tags["camae.kind"], **{k: r.data.metrics.get(k) for k in keys}}
+            for r in runs]
+    frame = pd.DataFrame(rows, columns=["run", "kind", *keys])
+    return frame.sort_values("test/accuracy", ascending=False, ignore_index=True)

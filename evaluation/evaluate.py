@@ -26,7 +26,7 @@ import pandas as pd
 
 from camae import storage
 from camae.cluster import connect
-from camae.config import ConfigError, EvaluateConfig, job_parser, load_config, save_config, to_dict
+from camae.config import EvaluateConfig, job_config, job_parser, load_config, save_config, to_dict
 from evaluation.batch_correction import fit_correction
 from evaluation.biology import (
     consistency_map,
@@ -122,7 +122,7 @@ def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None) -> dict:
 
     from camae.data import prepare_dataset
     from camae.identity import split_identity
-    from camae.tracking import active_run, baseline_key, end_run, flatten, log_metrics, start_run
+    from camae.tracking import active_run, baseline_key, end_run, flatten, log_metrics, log_split, start_run
 
     out = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
     table, labels = prepare_dataset(cfg.data, cfg.synth, out)
@@ -137,6 +137,7 @@ def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None) -> dict:
     params = flatten(to_dict(cfg))
     parent = start_run(uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.run.name, params,
                        tags | {"camae.kind": "evaluation"}, parent_run_id=parent_run_id)
+    log_split(uri, parent, table, tags["camae.dataset"], str(cfg.data.root))
     log_metrics(uri, parent, {"embed/sites": embedded.sites, "embed/skipped_sites": embedded.skipped,
                               "embed/nodes": embedded.nodes}, step=0)
     if embedded.skipped:
@@ -159,7 +160,7 @@ def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None) -> dict:
 def _evaluate(cfg, out, table, meta, arrays, y, labels, uri, parent, params, tags) -> dict:
     from camae.metrics import confusion, markdown_table
     from camae.plots import plot_confusion
-    from camae.tracking import end_run, log_metrics, start_run
+    from camae.tracking import end_run, log_metrics, log_split, start_run
     from evaluation.report import plot_curve, plot_projections
 
     X, split = arrays["embedding"], meta["split"].to_numpy()
@@ -176,14 +177,15 @@ def _evaluate(cfg, out, table, meta, arrays, y, labels, uri, parent, params, tag
             bio_tables.append(per_pert.assign(correction=method))
         for kind in cfg.probes.kinds:
             metrics, predictions = run_probe(kind, Xc, y, split, cfg.probes)
-            run = start_run(uri, cfg.tracking.experiment, f"probe-{kind}-{method}", params,
+            name = f"probe {kind} {method}"
+            run = start_run(uri, cfg.tracking.experiment, name, params,
                             tags | {"camae.kind": "probe", "camae.probe": kind, "camae.correction": method},
                             parent_run_id=parent)
+            log_split(uri, run, table, tags["camae.dataset"], str(cfg.data.root))
             log_metrics(uri, run, metrics | bio, step=0)
             end_run(uri, run)
             probe_runs.append(run)
-            rows.append({"run": f"probe-{kind}-{method}", "kind": "probe", "probe": kind, "correction": method,
-                         **metrics, **bio})
+            rows.append({"run": name, "kind": "probe", "probe": kind, "correction": method, **metrics, **bio})
             if cfg.run.plots and kind == "logistic" and method == cfg.correction.methods[-1] and "test" in predictions:
                 t, p = predictions["test"]
                 plot_confusion(confusion(t, p, len(labels)), list(labels.names), out / "confusion_test.png",
@@ -280,26 +282,24 @@ def run_embed(cfg: EvaluateConfig) -> dict:
 
 
 def main(argv: list[str] | None = None, only_embed: bool = False) -> int:
+    from camae.console import setup
     from camae.tracking import ui_command
 
     parser = job_parser("camae embed" if only_embed else "evaluation.evaluate", __doc__, "evaluate")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup(args.verbose)
     try:
-        cfg = load_config(EvaluateConfig, args.config, args.set)
-    except ValueError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
-    try:
+        cfg = load_config(EvaluateConfig, job_config(args), args.set)
         if only_embed:
             print(json.dumps(run_embed(cfg), indent=2))
             return 0
         summary = run_evaluate(cfg, parent_run_id=os.environ.get("CAMAE_PARENT_RUN_ID"))
-    except ConfigError as err:  # what the cluster, storage or tracking server refused up front
+    except ValueError as err:  # the config, or what the data, cluster, storage or tracking server refused up front
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     print((Path(cfg.run.output_dir) / cfg.run.name / "metrics.md").read_text())
-    print(ui_command(summary["tracking_uri"]))
+    print(f"outputs: {Path(cfg.run.output_dir).resolve() / cfg.run.name}")
+    print(ui_command(summary["tracking_uri"], cfg.tracking.experiment))
     return 0
 
 

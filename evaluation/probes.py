@@ -39,4 +39,6 @@ def run_probe(kind: str, X: np.ndarray, y: np.ndarray, split: np.ndarray, cfg: P
             pred = probe.predict(X[rows])
             metrics |= classification_metrics(y[rows], pred, name)
             predictions[name] = (y[rows], pred)
+    # named as a fine-tune's best epoch is (a probe is fitted once), so one column sorts probes and fine-tunes
+    metrics |= {f"best/{k}": v for k, v in metrics.items() if k.startswith("val/")}
     return metrics, predictions

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from camae import storage
-from camae.config import ConfigError, FinetuneConfig, job_parser, load_config, save_config, to_dict
+from camae.config import FinetuneConfig, job_config, job_parser, load_config, save_config, to_dict
 from finetune.worker import (
     CKPT_METRICS,
     CKPT_STATE,
@@ -65,10 +66,15 @@ def places(cfg: FinetuneConfig) -> JobPlaces:
 
 
 def run_finetune(cfg: FinetuneConfig, parent_run_id: str | None = None, callbacks: list | None = None,
-                 tags: dict | None = None) -> dict:
+                 tags: dict | None = None, progress: bool = True) -> dict:
     """The whole job; returns a summary (best epoch, val and test metrics, export path, MLflow run). A sweep
-    trial passes its MLflow parent run, Ray Train callbacks (TuneReportCallback) and extra run tags."""
+    trial passes its MLflow parent run, Ray Train callbacks (TuneReportCallback), extra run tags, and no progress
+    display (the sweep shows its own)."""
+    from contextlib import nullcontext
+
+    from camae.classifier import warn_random
     from camae.cluster import check_cpus, check_outputs, connect
+    from camae.console import FollowRun, ray_logs, say
     from camae.data import prepare_dataset
     from camae.tracking import end_run
 
@@ -76,12 +82,16 @@ def run_finetune(cfg: FinetuneConfig, parent_run_id: str | None = None, callback
     where.run_dir.mkdir(parents=True, exist_ok=True)
     connect()
     check_cpus(cfg.run.num_workers, cfg.run.cpus_per_worker)
+    if progress:  # a job of its own (not a sweep's trial)
+        warn_random(cfg.model.encoder)
+        say(f"Ray's own logs: {ray_logs()} (--verbose shows them here)")
     check_outputs(where.storage_path, where.tracking_uri)
     table, labels = prepare_dataset(cfg.data, cfg.synth, where.run_dir)
     save_config(cfg, where.run_dir / "config.yaml")
     run_id = _start_run(cfg, where, table, parent_run_id, tags)
     try:
-        result = make_trainer(cfg, where, table, labels, run_id, callbacks).fit()
+        with FollowRun(where.tracking_uri, run_id, cfg.train.epochs) if progress else nullcontext():
+            result = make_trainer(cfg, where, table, labels, run_id, callbacks).fit()
         return finish(cfg, result, table, labels, where, run_id)
     except BaseException:
         end_run(where.tracking_uri, run_id, "FAILED")
@@ -90,15 +100,17 @@ def run_finetune(cfg: FinetuneConfig, parent_run_id: str | None = None, callback
 
 def _start_run(cfg: FinetuneConfig, where: JobPlaces, table, parent_run_id: str | None, tags: dict | None) -> str:
     from camae.identity import split_identity
-    from camae.tracking import flatten, start_run
+    from camae.tracking import flatten, log_split, start_run
 
-    return start_run(where.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.run.name,
+    run_id = start_run(where.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.run.name,
                      flatten(to_dict(cfg)), {"camae.kind": "finetune", "camae.mode": cfg.train.mode,
                                              "camae.dataset": Path(cfg.data.root).name,
                                              "camae.channels": ",".join(cfg.data.channels),
                                              "camae.split": split_identity(table),
                                              "camae.storage": where.state_dir, **(tags or {})},
                      parent_run_id=parent_run_id or os.environ.get("CAMAE_PARENT_RUN_ID"))
+    log_split(where.tracking_uri, run_id, table, Path(cfg.data.root).name, str(cfg.data.root))
+    return run_id
 
 
 def scaling(cfg: FinetuneConfig):
@@ -166,13 +178,14 @@ def finish(cfg: FinetuneConfig, result, table, labels, where: JobPlaces, run_id:
     best_metrics = json.loads((best / CKPT_METRICS).read_text())
     model, base = build_model(cfg, len(labels))
     model.load_state_dict(torch.load(best / CKPT_STATE, map_location="cpu", weights_only=True)["model"])
-    summary = {"run_id": run_id, "tracking_uri": where.tracking_uri, "best_epoch": best_metrics["epoch"],
-               **{k: v for k, v in best_metrics.items() if k.startswith("val/")}}
+    summary = {"run_id": run_id, "tracking_uri": where.tracking_uri, "best_epoch": int(best_metrics["epoch"]),
+               **{f"best/{k}": v for k, v in best_metrics.items() if k.startswith("val/")}}
     summary |= evaluate_heldout(cfg, model, table, labels, where.run_dir)
-    log_metrics(where.tracking_uri, run_id, {k: v for k, v in summary.items() if "/" in k},
-                step=best_metrics["epoch"])
+    log_metrics(where.tracking_uri, run_id, {k: v for k, v in summary.items() if "/" in k}
+                | {"best_epoch": summary["best_epoch"]}, step=summary["best_epoch"])
     model = export(cfg, model, base, labels, where, summary)
     log_artifacts(cfg, model, where, run_id, summary)
+    write_summary(where, summary)
     end_run(where.tracking_uri, run_id)
     return summary
 
@@ -206,22 +219,33 @@ def export(cfg: FinetuneConfig, model, base, labels, where: JobPlaces, summary: 
     summary["export"] = str(export_dir)
     if storage.is_uri(where.state_dir):  # where every node (and the sweep's driver) can read it
         summary["export_uri"] = storage.upload(export_dir, storage.join(where.state_dir, "export"))
-    text = json.dumps(summary, indent=2) + "\n"
-    (where.run_dir / "summary.json").write_text(text)
-    storage.write_text(storage.join(where.state_dir, "summary.json"), text)
     return model
 
 
+def write_summary(where: JobPlaces, summary: dict) -> None:
+    """summary.json locally and in storage (where a sweep's driver reads it), logged to the run."""
+    from camae.tracking import active_run
+
+    text = json.dumps(summary, indent=2) + "\n"
+    (where.run_dir / "summary.json").write_text(text)
+    storage.write_text(storage.join(where.state_dir, "summary.json"), text)
+    with active_run(where.tracking_uri, summary["run_id"]):
+        import mlflow
+
+        mlflow.log_artifact(str(where.run_dir / "summary.json"))
+
+
 def log_artifacts(cfg: FinetuneConfig, model, where: JobPlaces, run_id: str, summary: dict) -> None:
-    """The run's files, the export (and adapter) and, with tracking.log_model, the MLflow model."""
+    """The run's files, the export (and adapter) and, with tracking.log_model, the MLflow model: an MLflow 3
+    LoggedModel linked to this run (the runs table's Models column), with the signature and input example of a
+    uint8 batch; `summary["model_uri"]` names it."""
     import mlflow
 
     from camae.tracking import active_run
 
     run_dir = where.run_dir
     with active_run(where.tracking_uri, run_id):
-        for name in ("config.yaml", "labels.json", "splits.csv", "summary.json", "per_class_test.csv",
-                     "confusion_test.png"):
+        for name in ("config.yaml", "labels.json", "splits.csv", "per_class_test.csv", "confusion_test.png"):
             if (run_dir / name).is_file():
                 mlflow.log_artifact(str(run_dir / name))
         mlflow.log_artifacts(str(run_dir / "export"), "export")
@@ -229,27 +253,38 @@ def log_artifacts(cfg: FinetuneConfig, model, where: JobPlaces, run_id: str, sum
             mlflow.log_artifacts(str(run_dir / "adapter"), "adapter")
         if cfg.tracking.log_model:  # a traced (pt2) model; a batch of 2 keeps the batch size dynamic (1 is static)
             example = np.zeros((2, len(cfg.data.channels), cfg.data.crop_size, cfg.data.crop_size), dtype=np.uint8)
-            summary["model_uri"] = mlflow.pytorch.log_model(model.eval(), name="model", input_example=example).model_uri
+            name = re.sub(r"[/:.%\"']", "_", cfg.tracking.run_name or cfg.run.name)  # what MLflow allows
+            info = mlflow.pytorch.log_model(model.eval(), name=name,
+                                            input_example=example, params={"mode": cfg.train.mode},
+                                            model_type="image-classifier")
+            summary["model_uri"] = info.model_uri
 
 
 def main(argv: list[str] | None = None) -> int:
+    from camae.console import setup
     from camae.tracking import ui_command
 
     args = job_parser("finetune.train", __doc__, "finetune").parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup(args.verbose)
     try:
-        cfg = load_config(FinetuneConfig, args.config, args.set)
-    except ValueError as err:
-        print(f"finetune: error: {err}", file=sys.stderr)
-        return 2
-    try:
+        cfg = load_config(FinetuneConfig, job_config(args), args.set)
         summary = run_finetune(cfg)
-    except ConfigError as err:  # found before training: the cluster, storage or tracking server
+    except ValueError as err:  # the config, or what the data, cluster, storage or tracking server refused up front
         print(f"finetune: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2))
-    print("\n" + ui_command(summary["tracking_uri"]))
+    print(result_lines(summary))
+    print(f"outputs: {Path(summary['export']).parent} (summary.json, export/, confusion_test.png)")
+    print(ui_command(summary["tracking_uri"], cfg.tracking.experiment))
     return 0
+
+
+def result_lines(summary: dict) -> str:
+    """The job's result in two lines: the best epoch's validation and the held-out test, beside chance."""
+    line = f"best epoch {summary['best_epoch']}: val/accuracy {summary['best/val/accuracy']:.3f}"
+    if "test/accuracy" in summary:
+        line += (f"\ntest plates: accuracy {summary['test/accuracy']:.3f} (95% CI {summary['test/accuracy_ci_low']:.3f}"
+                 f"-{summary['test/accuracy_ci_high']:.3f}), chance {summary['test/chance_accuracy']:.3f}")
+    return line
 
 
 if __name__ == "__main__":

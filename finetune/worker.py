@@ -185,7 +185,7 @@ def train_fn_per_worker(config: dict) -> None:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, step = state["epoch"] + 1, state["step"]
         if rank == 0:
-            log.info("resuming from the checkpoint of epoch %d (%d workers)", state["epoch"], world)
+            log.info("resuming after epoch %d (%d workers)", state["epoch"] + 1, world)
     _tag_placement(config, rank, world, start_epoch)
     model = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
     train_shard = ray.train.get_dataset_shard("train")
@@ -193,6 +193,7 @@ def train_fn_per_worker(config: dict) -> None:
     # With Ray workers, EpochLogger logs each epoch on the controller once its checkpoint is registered; in-process
     # runs (num_workers=0) get no callbacks, so rank 0 logs there
     tracker = MetricBuffer(config["tracking_uri"], config["run_id"]) if in_process else None
+    monitor = _system_metrics(config, resume=start_epoch > 0) if rank == 0 else None
     for epoch in range(start_epoch, cfg.train.epochs):
         if rank == 0:
             _maybe_inject_fault(cfg, epoch, config["state_dir"])
@@ -202,7 +203,7 @@ def train_fn_per_worker(config: dict) -> None:
             local_shuffle_seed=cfg.train.seed + epoch)
         loss, images, seconds, step = run_epoch(model, batches, optimizer, scheduler, cfg, device, step, epoch,
                                                 config["train_sites"], world)
-        metrics = {"epoch": epoch, "train/loss": loss, "train/images_per_s": images * world / seconds,
+        metrics = {"epoch": epoch + 1, "train/loss": loss, "train/images_per_s": images * world / seconds,
                    "lr": optimizer.param_groups[-1]["lr"], "workers": world}
         if rank == 0:
             y, pred, val_loss = predict(unwrap(model), val_shard.iter_torch_batches(
@@ -216,21 +217,37 @@ def train_fn_per_worker(config: dict) -> None:
                                          config["labels"])
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
         if tracker is not None:
-            tracker.log(metrics, step=epoch)
+            tracker.log(metrics, step=epoch + 1)
         if rank == 0:
-            print(f"[camae] epoch {epoch + 1}/{cfg.train.epochs}  train/loss {loss:.4f}  val/loss {val_loss:.4f}  "
-                  f"val/accuracy {metrics['val/accuracy']:.3f}  {metrics['train/images_per_s']:.1f} img/s",
-                  flush=True)
+            log.debug("epoch %d/%d: %s", epoch + 1, cfg.train.epochs, metrics)
             if in_process:
                 prune_local_checkpoints(cfg, Path(config["run_dir"]))
             else:
                 shutil.rmtree(Path(ckpt_dir).parent, ignore_errors=True)  # persisted by Ray Train: drop the copy
     if tracker is not None:
         tracker.flush()
+    if monitor is not None:
+        monitor.finish()
+
+
+def _system_metrics(config: dict, resume: bool):
+    """MLflow's system metrics (CPU, memory, disk, network; GPU where pynvml finds one) of rank 0's node, logged
+    into the run as `system/...` every 5 s while it trains; None if the monitor cannot start."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    try:
+        monitor = SystemMetricsMonitor(config["run_id"], sampling_interval=5, resume_logging=resume,
+                                       tracking_uri=config["tracking_uri"])
+        monitor.start()
+    except Exception as err:  # noqa: BLE001 -- an optional view: training goes on without it
+        log.warning("system metrics are not logged (%s)", err)
+        return None
+    return monitor
 
 
 class EpochLogger(UserCallback):
-    """A Ray Train callback on the controller: logs each epoch's metrics (rank 0's report) to the MLflow run once
+    """A Ray Train callback on the controller: logs each epoch's metrics (rank 0's report; `epoch` and the step
+    count epochs done, from 1) to the MLflow run once
     the controller has registered that epoch's checkpoint. A worker that dies after its report but before the
     controller collected it loses the epoch, which then runs again: logging from the worker would record that
     epoch twice (seen on a killed node), logging here records each committed epoch once, with continuous steps,
@@ -246,7 +263,7 @@ class EpochLogger(UserCallback):
         self.buffer = self.buffer or MetricBuffer(self.tracking_uri, self.run_id)
         epoch = int(metrics[0]["epoch"])
         self.buffer.log({k: v for k, v in metrics[0].items() if isinstance(v, int | float)}, step=epoch)
-        if epoch == self.epochs - 1:
+        if epoch == self.epochs:
             self.buffer.flush()
 
 
@@ -260,7 +277,7 @@ def _tag_placement(config: dict, rank: int, world: int, start_epoch: int) -> Non
     try:
         client.set_tag(config["run_id"], f"camae.node.rank{rank}", ray.get_runtime_context().get_node_id())
         if rank == 0:
-            client.set_tag(config["run_id"], f"camae.workers.from_epoch{start_epoch}", str(world))
+            client.set_tag(config["run_id"], f"camae.workers.from_epoch{start_epoch + 1}", str(world))
     except Exception as err:  # noqa: BLE001 -- a tracking outage must not stop training; metrics are buffered
         log.warning("could not tag the MLflow run with this worker's node (%s)", err)
 

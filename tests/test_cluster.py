@@ -132,11 +132,11 @@ def test_node_loss_resumes_from_the_bucket_without_repeating_epochs(services, re
     client, run = _run(s, name)
     assert run.info.status == "FINISHED"
     history = client.get_metric_history(run.info.run_id, "train/loss")
-    assert sorted(m.step for m in history) == [0, 1, 2, 3]  # no epoch repeated, none missing
-    resumed = [k for k in run.data.tags if k.startswith("camae.workers.from_epoch") and not k.endswith("epoch0")]
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]  # no epoch repeated, none missing (steps: epochs done)
+    resumed = [k for k in run.data.tags if k.startswith("camae.workers.from_epoch") and not k.endswith("epoch1")]
     assert resumed, run.data.tags  # a second worker group started from a checkpoint
     workers = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "workers")}
-    assert workers[0] == 2 and workers[3] == (1 if elastic else 2)
+    assert workers[1] == 2 and workers[4] == (1 if elastic else 2)
     first_after = min(m.timestamp for m in history if m.timestamp / 1000 > killed) / 1000
     print(f"node loss ({recovery}): {first_after - killed:.1f} s from the kill to the first resumed epoch's metrics "
           f"(resumed at {resumed})")

@@ -180,9 +180,10 @@ def test_probe_metrics_use_finetuning_names(kind):
     X = np.eye(3)[y] * 4 + rng.normal(size=(90, 3))
     split = np.array(["train", "val", "test"] * 30)
     metrics, predictions = run_probe(kind, X, y, split, ProbeConfig())
-    assert set(metrics) == {f"{s}/{m}" for s in ("train", "val", "test")
+    assert set(metrics) == {f"{s}/{m}" for s in ("train", "val", "test", "best/val")
                             for m in ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "macro_f1",
                                       "balanced_accuracy", "chance_accuracy", "chance_balanced_accuracy")}
+    assert metrics["best/val/accuracy"] == metrics["val/accuracy"]  # fitted once: named as a fine-tune's best epoch
     assert metrics["test/accuracy"] > 0.9 and len(predictions["test"][0]) == 30
     with pytest.raises(ValueError, match="at least two classes"):
         run_probe(kind, X, np.zeros(90, int), split, ProbeConfig())

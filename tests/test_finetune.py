@@ -66,11 +66,11 @@ def test_mode_learns_tracks_and_exports(ray_session, tmp_path, data_root, mode):
     # in-process runs keep the best run.keep_checkpoints (2) and the latest
     run_dir = tmp_path / mode
     kept = sorted(d.name for d in (run_dir / "checkpoints").iterdir())
-    assert f"epoch_{summary['best_epoch']:04d}" in kept and "epoch_0005" in kept and len(kept) <= 3
+    assert f"epoch_{summary['best_epoch'] - 1:04d}" in kept and "epoch_0005" in kept and len(kept) <= 3  # 1-based
 
     # the export reloads to the best checkpoint's predictions, and MAEModel reads its encoder
     labels = LabelMap.load(run_dir / "labels.json")
-    best = run_dir / "checkpoints" / f"epoch_{summary['best_epoch']:04d}"
+    best = run_dir / "checkpoints" / f"epoch_{summary['best_epoch'] - 1:04d}"
     model, _ = build_model(cfg, len(labels))
     model.load_state_dict(torch.load(best / "state.pt", weights_only=True)["model"])
     table = read_table(cfg.data)
@@ -103,8 +103,8 @@ def test_killed_worker_resumes_without_repeating_epochs(ray_session, tmp_path, d
     assert (tmp_path / "ray" / "resume" / "fault_injected").is_file()  # the worker really was killed after epoch 1
     client = MlflowClient(summary["tracking_uri"])
     epochs = sorted(m.step for m in client.get_metric_history(summary["run_id"], "train/loss"))
-    assert epochs == [0, 1, 2]  # epoch 2 ran once, after the restart; 0 and 1 were not repeated
-    assert summary["best_epoch"] in (0, 1, 2) and "test/accuracy" in summary
+    assert epochs == [1, 2, 3]  # epoch 3 ran once, after the restart; 1 and 2 were not repeated
+    assert summary["best_epoch"] in (1, 2, 3) and "test/accuracy" in summary
 
 
 def test_too_many_cpus_for_training_is_refused_in_one_line(ray_session, tmp_path, data_root, capsys):

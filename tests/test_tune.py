@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -50,6 +52,26 @@ def test_candidate_values_cover_choices_and_range_ends():
     assert candidate_values(space) == {"a": [1, 2], "b": [1e-4, 1e-2], "c": [2, 4], "d": [7]}
 
 
+@pytest.mark.parametrize("params, numbered, trial_id, name", [
+    ({"train.mode": "lora", "train.lr": 1e-3, "train.lora.r": 8}, False, "ab_00000", "lora r8 lr1e-3"),
+    ({"train.mode": "full", "train.lr": 3e-3, "train.lora.r": 8}, False, "ab_00001", "full lr3e-3"),
+    ({"train.mode": "lora", "train.lr": 0.00271, "train.weight_decay": 0.05}, True, "ab_00002",
+     "lora lr2.71e-3 weight_decay=0.05 #3"),
+    ({"train.mode": "linear"}, False, "", "linear"),
+])
+def test_trial_names_say_what_differs(params, numbered, trial_id, name):
+    from finetune.tune import trial_name
+
+    assert trial_name(params, trial_id, numbered) == name
+
+
+def test_trial_names_are_numbered_when_values_are_sampled():
+    from finetune.tune import numbered
+
+    assert not numbered({"train.mode": {"grid": ["lora", "full"]}, "train.lora.r": 8}, 1)
+    assert numbered({"train.lr": {"loguniform": [1e-4, 1e-2]}}, 1) and numbered({"train.mode": {"grid": ["a"]}}, 2)
+
+
 SMALL = ["synth.experiments=1", "synth.plates_per_experiment=4", "synth.wells_per_plate=12", "synth.classes=2",
          "synth.controls_per_plate=4", "synth.sites_per_well=1", "synth.effect_size=4", "train.epochs=2",
          "data.channels=[nuclei, er, mito]"]
@@ -80,15 +102,26 @@ def _release_placement_groups_of_the_stopped_driver(ray, seconds: float = 30) ->
         remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg))))
 
 
-@pytest.mark.slow
-def test_sweep_interrupted_resumes_and_nests_runs_beside_the_baseline(ray_session, tmp_path):
-    from mlflow.tracking import MlflowClient
+@dataclass
+class FinishedSweep:
+    """The module's sweep: interrupted with Ctrl+C, then resumed to the end."""
 
-    from camae import MAEModel
+    out: Path
+    summary: dict
+    first_trial: str
+    terminal: str
+    """What the interrupted run printed."""
+    rerun: int
+    """The exit code of the same command a third time (nothing left to run)."""
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(ray_session, tmp_path_factory) -> FinishedSweep:
     from finetune.tune import main
 
-    args = ["--config", str(TUNE / "quickstart.yaml"), *sweep_args(tmp_path)]
-    out = tmp_path / "test-sweep"
+    tmp = tmp_path_factory.mktemp("sweep")
+    args = ["--config", str(TUNE / "quickstart.yaml"), *sweep_args(tmp)]
+    out = tmp / "test-sweep"
     env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "finetune.tune", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -99,15 +132,23 @@ def test_sweep_interrupted_resumes_and_nests_runs_beside_the_baseline(ray_sessio
         time.sleep(1)
     first = next(out.glob("trials/trial_*/summary.json")).parent.name.removeprefix("trial_")
     proc.send_signal(signal.SIGINT)  # Ctrl+C: Tune saves its state and stops
-    log = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 130, log[-3000:]
-    assert "rerun the same command to resume" in log
+    terminal = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, terminal[-3000:]
     _release_placement_groups_of_the_stopped_driver(ray_session)
-
     assert main(args) == 0  # the same command again: resumes
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["trials"] == 2 and summary["trials_finished"] == 2
+    return FinishedSweep(out, summary, first, terminal, main(args))
 
+
+@pytest.mark.slow
+def test_sweep_interrupted_resumes_and_nests_runs_beside_the_baseline(finished_sweep):
+    from mlflow.tracking import MlflowClient
+
+    from camae import MAEModel
+
+    out, summary = finished_sweep.out, finished_sweep.summary
+    assert "rerun the same command to resume" in finished_sweep.terminal
+    assert summary["trials"] == 2 and summary["trials_finished"] == 2
     client = MlflowClient(summary["tracking_uri"])
     state = json.loads((out / "sweep.json").read_text())
     parent = client.get_run(state["parent_run_id"])
@@ -117,24 +158,82 @@ def test_sweep_interrupted_resumes_and_nests_runs_beside_the_baseline(ray_sessio
     finetunes = [r for r in children if r.data.tags.get("camae.kind") == "finetune"]
     finished = [r for r in finetunes if r.info.status == "FINISHED"]
     assert sorted(r.data.tags["camae.param.train.mode"] for r in finished) == ['"full"', '"lora"']
-    assert sum(r.data.tags["camae.trial"] == first for r in finetunes) == 1  # the finished trial did not run again
+    assert sorted(r.info.run_name for r in finished) == ["full", "lora"]  # what differs between the trials
+    assert sum(r.data.tags["camae.trial"] == finished_sweep.first_trial for r in finetunes) == 1  # not run again
     assert all("test/accuracy" in r.data.metrics for r in finished)
     (evaluation,) = [r for r in children if r.data.tags.get("camae.kind") == "evaluation"]
     probes = client.search_runs([exp], f"tags.`camae.kind` = 'probe' and tags.`mlflow.parentRunId` = "
                                        f"'{evaluation.info.run_id}'")
     assert sorted(r.data.tags["camae.correction"] for r in probes) == ["harmony", "pca_centerscale", "raw", "tvn"]
+    assert {r.info.run_name for r in probes} == {f"probe logistic {m}" for m in ("harmony", "pca_centerscale",
+                                                                                  "raw", "tvn")}
     assert {r.data.tags["camae.split"] for r in probes + finished} == {parent.data.tags["camae.split"]}
 
     table = pd.read_csv(out / "comparison.csv")
     assert sorted(table["kind"]) == ["finetune"] * 2 + ["probe"] * 4
-    assert table["val/accuracy"].is_monotonic_decreasing
+    assert table["best/val/accuracy"].is_monotonic_decreasing
+    assert set(table["run"]) == {r.info.run_name for r in probes + finished}  # one name per run, everywhere
     assert "gap/val/accuracy" in summary and "baseline/val/accuracy" in parent.data.metrics
     MAEModel.from_pretrained(summary["best_export"])  # the best trial, in the official format
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"comparison.md", "comparison.csv", "best_export"} <= artifacts
-
-    assert main(args) == 0  # once more: nothing left to run, the baseline is reused
+    assert {"comparison.md", "comparison.csv", "comparison.json", "comparison.png", "best_export"} <= artifacts
+    assert finished_sweep.rerun == 0  # once more: nothing left to run, the baseline is reused
     assert len(client.search_runs([exp], "tags.`camae.kind` = 'probe'")) == 4
+
+
+@pytest.mark.slow
+def test_sweep_runs_read_at_a_glance_in_mlflow(finished_sweep):
+    """What the MLflow UI's columns show: every probe and fine-tune has best/val/accuracy, test/accuracy and chance
+    (same names, same split); datasets; each fine-tune a LoggedModel with a signature; the winner @champion;
+    system metrics on training runs; the experiment opens in the model-training view."""
+    from mlflow.tracking import MlflowClient
+
+    summary = finished_sweep.summary
+    client = MlflowClient(summary["tracking_uri"])
+    exp = client.get_experiment(client.get_run(summary["run_id"]).info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "mlflow.sharedViewState.camae-comparison" in exp.tags
+    runs = [r for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'")
+            if r.data.tags.get("camae.kind") in ("probe", "finetune")]
+    assert len(runs) == 6
+    for run in runs:
+        m = run.data.metrics
+        assert {"best/val/accuracy", "test/accuracy", "test/chance_accuracy"} <= set(m), run.info.run_name
+        assert 0 <= m["test/accuracy"] <= 1 and 0 < m["test/chance_accuracy"] < 1
+        contexts = {t.value for d in run.inputs.dataset_inputs for t in d.tags if t.key == "mlflow.data.context"}
+        assert contexts == {"train", "val", "test"}, run.info.run_name
+    chance = {r.data.metrics["test/chance_accuracy"] for r in runs}
+    assert len(chance) == 1  # the same test plates for every run
+    finetunes = [r for r in runs if r.data.tags["camae.kind"] == "finetune"]
+    for run in finetunes:
+        assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics)
+        assert 1 <= run.data.metrics["best_epoch"] <= 2
+        (model,) = client.search_logged_models([exp.experiment_id],
+                                               filter_string=f"source_run_id = '{run.info.run_id}'")
+        from mlflow.models import get_model_info
+
+        from camae.tracking import using_tracking_uri
+
+        with using_tracking_uri(summary["tracking_uri"]):
+            signature = get_model_info(model.model_uri).signature
+        assert list(signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3, 256, 256]
+    champion = client.get_model_version_by_alias("test-sweep", "champion")
+    best = next(r for r in finetunes if r.info.run_name == summary["best_run"])
+    assert champion.run_id == best.info.run_id and summary["registered"] == "models:/test-sweep@champion"
+    assert len(client.search_model_versions("name = 'test-sweep'")) == 1  # the rerun registered nothing new
+
+
+@pytest.mark.slow
+def test_sweep_terminal_is_quiet(finished_sweep):
+    """Ray's own output stays in its log files: no worker lines, Ray Data plans, Tune tables or tracebacks; each
+    trial's line once."""
+    text = finished_sweep.terminal
+    assert "Traceback" not in text and "(RayTrainWorker" not in text and "Execution plan" not in text
+    assert "Trial status" not in text and "Configuration for experiment" not in text
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) < 30, text
+    (trial_line,) = [line for line in lines if ": best epoch " in line]  # the first trial finished before Ctrl+C
+    assert "test/accuracy" in trial_line
 
 
 @pytest.mark.parametrize("store", ["another", "deleted"])
@@ -160,3 +259,75 @@ def test_saved_sweep_against_another_mlflow_store_is_one_line(tmp_path, monkeypa
     assert err.startswith("sweep: error:") and "rerun with --restart" in err
     assert (f"belongs to the MLflow store {saved}, not {first}" in err) == (store == "another")
     assert ("is not in" in err) == (store == "deleted")
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def render(url: str, shot: Path) -> str:
+    """The page's DOM after its scripts ran (headless Chromium), and a screenshot of it."""
+    flags = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             "--window-size=2000,1100", "--virtual-time-budget=30000"]
+    subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, timeout=180, check=True)
+    return subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=180,
+                          check=True).stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(chromium() is None, reason="needs Debian's chromium (`apt-get install chromium`; .ci/run does)")
+def test_mlflow_ui_shows_probes_and_finetunes_in_chromium(finished_sweep, tmp_path):
+    """`mlflow server` over the finished sweep's store, looked at in headless Chromium through the link the job
+    prints: the runs table lists every probe and fine-tune with its test accuracy, and the best trial's page shows
+    its confusion matrix. Screenshots: outputs/test-artifacts/browser/ (kept, not committed)."""
+    import html
+    import re
+
+    from mlflow.tracking import MlflowClient
+
+    from camae.cluster import _free_port
+    from camae.tracking import experiment_url
+
+    summary = finished_sweep.summary
+    client = MlflowClient(summary["tracking_uri"])
+    exp_id = client.get_run(summary["run_id"]).info.experiment_id
+    shots = REPO / "outputs" / "test-artifacts" / "browser"
+    shots.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+                               summary["tracking_uri"], "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_for(base + "/health")
+        page = render(experiment_url(base, exp_id), shots / "experiment.png")
+        text = html.unescape(re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style).*?</\1>", "", page, flags=re.S)))
+        runs = [r for r in client.search_runs([exp_id], "attributes.status = 'FINISHED'")
+                if r.data.tags.get("camae.kind") in ("probe", "finetune")]
+        assert len(runs) == 6
+        for run in runs:
+            assert run.info.run_name in text, run.info.run_name
+            assert repr(run.data.metrics["test/accuracy"]) in text, (run.info.run_name, shots)
+        assert "Model training" in text and "test/accuracy" in text and "Traces 0" not in text
+        best = next(r for r in runs if r.info.run_name == summary["best_run"])
+        page = render(f"{base}/#/experiments/{exp_id}/runs/{best.info.run_id}/artifacts/confusion_test.png",
+                      shots / "best-run-confusion.png")
+        assert re.search(r'<img[^>]+alt="confusion_test.png"[^>]+src="blob:', page)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert not list(tmp_path.iterdir())  # the server wrote nothing where it ran (no mlruns/, no mlartifacts/)
+
+
+def _wait_for(url: str, seconds: float = 60) -> None:
+    import requests
+
+    deadline = time.time() + seconds
+    while True:
+        try:
+            if requests.get(url, timeout=2).ok:
+                return
+        except requests.RequestException:
+            pass
+        assert time.time() < deadline, f"{url} did not answer in {seconds:.0f} s"
+        time.sleep(0.5)
