@@ -28,11 +28,15 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 
+# The browser test renders the MLflow UI in Debian's headless chromium (installed here when missing and possible)
 test: lint
+	@command -v chromium >/dev/null || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		(apt-get update -q && apt-get install -y -q chromium) >/dev/null) || \
+		echo "chromium not installed: the browser test will skip (apt-get install chromium)"
 	$(BIN)/python -m pytest $(ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/model_forward.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) outputs data/synthetic mlruns mlartifacts .pytest_cache .ruff_cache
