@@ -95,10 +95,6 @@ class Progress:
         print(f"[camae] {self.label} {self.done}/{self.total}{rate}  ETA {duration(left)}"
               f"{'  ' + note if note else ''}", flush=True)
 
-    def grow(self, n: int) -> None:
-        """n more epochs to run (a trial was added)."""
-        self.shrink(-n)
-
     def shrink(self, n: int) -> None:
         """n epochs will not run (a trial stopped early)."""
         self.total = max(self.done, self.total - n)

@@ -41,22 +41,25 @@ class SweepProgress(Callback):
     """The sweep's terminal on the driver: one progress display over all trials' epochs (img/s, time left), and
     one line per trial when it ends: its best epoch, and its held-out test accuracy or why it has none."""
 
-    def __init__(self, epochs: int, numbered: bool, trials_storage: str):
-        self.epochs, self.numbered, self.trials_storage = epochs, numbered, trials_storage
-        self.progress, self.started = None, set()
+    def __init__(self, epochs: int, trials: int, numbered: bool, trials_storage: str):
+        self.epochs, self.trials, self.numbered, self.trials_storage = epochs, trials, numbered, trials_storage
+        self.progress, self.counted = None, False
 
     def __getstate__(self):  # saved with the Tuner's RunConfig: a restored sweep starts a new display
-        return self.__dict__ | {"progress": None, "started": set()}
+        return self.__dict__ | {"progress": None, "counted": False}
 
     def setup(self, **info) -> None:
         from camae.console import Progress
 
-        self.progress = Progress(0, "epochs (all trials)")
+        self.progress = Progress(self.trials * self.epochs, "epochs (all trials)")
 
-    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
-        if trial.trial_id not in self.started:  # a trial restarted after a failure is counted once
-            self.started.add(trial.trial_id)
-            self.progress.grow(self.epochs - int((trial.last_result or {}).get("epoch", 0)))
+    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        """Once: a resumed sweep shows only what is left (its finished trials' epochs and the epochs its
+        unfinished trials already ran are off the total)."""
+        if not self.counted:
+            self.counted = True
+            self.progress.shrink(sum(self.epochs if t.status == "TERMINATED" else
+                                     int((t.last_result or {}).get("epoch", 0)) for t in trials))
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         self.progress.update(1, result.get("train/images_per_s"))

@@ -26,6 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -126,6 +127,12 @@ def numbered(space: dict, num_samples: int) -> bool:
     searched = [next(iter(v)) for v in space.values() if isinstance(v, dict) and len(v) == 1
                 and next(iter(v)) in DISTRIBUTIONS]
     return num_samples > 1 or any(kind != "grid" for kind in searched)
+
+
+def planned_trials(space: dict, num_samples: int) -> int:
+    """Trials the sweep runs: num_samples times each grid combination."""
+    grids = [len(v["grid"]) for v in space.values() if isinstance(v, dict) and list(v) == ["grid"]]
+    return num_samples * int(np.prod(grids, dtype=int))
 
 
 def trial_config(base: dict, params: dict) -> FinetuneConfig:
@@ -372,7 +379,8 @@ def _tune(sweep: SweepConfig, base: FinetuneConfig, base_dict: dict, stored: str
     trainable = _trainable(tune, {"base": base_dict, "trials_storage": storage.join(stored, "trials"),
                                   "sweep": sweep.name, "numbered": names, **tracking})
     path = storage.join(stored, "tune")
-    progress = SweepProgress(base.train.epochs, names, storage.join(stored, "trials"))
+    progress = SweepProgress(base.train.epochs, planned_trials(s.search_space, s.num_samples), names,
+                             storage.join(stored, "trials"))
     if not verbose():  # Tune's new output prints its experiment box whatever the verbosity; the legacy one obeys
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     if tune.Tuner.can_restore(path):

@@ -72,6 +72,14 @@ def test_trial_names_are_numbered_when_values_are_sampled():
     assert numbered({"train.lr": {"loguniform": [1e-4, 1e-2]}}, 1) and numbered({"train.mode": {"grid": ["a"]}}, 2)
 
 
+def test_planned_trials_multiply_grids_by_samples():
+    from finetune.tune import planned_trials
+
+    space = {"train.mode": {"grid": ["lora", "full"]}, "train.lr": {"grid": [1e-3, 3e-3]}, "train.lora.r": 8,
+             "train.weight_decay": {"uniform": [0, 0.1]}}
+    assert planned_trials(space, 1) == 4 and planned_trials(space, 3) == 12 and planned_trials({}, 5) == 5
+
+
 SMALL = ["synth.experiments=1", "synth.plates_per_experiment=4", "synth.wells_per_plate=12", "synth.classes=2",
          "synth.controls_per_plate=4", "synth.sites_per_well=1", "synth.effect_size=4", "train.epochs=2",
          "data.channels=[nuclei, er, mito]"]
