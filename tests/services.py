@@ -101,6 +101,12 @@ class ObjectStore:
         pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
         return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
+    def read_text(self, key: str) -> str:
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=self.endpoint, **_boto_creds())
+        return s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode()
+
     def stop(self) -> None:
         self.process.kill()
         self.process.wait(30)
