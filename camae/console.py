@@ -21,8 +21,9 @@ def verbose() -> bool:
 
 
 def setup(is_verbose: bool = False) -> None:
-    """Logging for a job's entry point: camae's INFO lines as `[camae] ...`; Ray's own loggers at WARNING
-    (INFO with --verbose); Python warnings from Ray's modules (deprecations) only with --verbose."""
+    """Logging for a job's entry point: camae's INFO lines as `[camae...] ...`; Ray's own loggers at ERROR and
+    MLflow's at WARNING (INFO with --verbose); Python warnings from Ray's modules, and deprecation and future
+    warnings from any library, only with --verbose."""
     import warnings
 
     if is_verbose:

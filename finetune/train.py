@@ -102,13 +102,12 @@ def _start_run(cfg: FinetuneConfig, where: JobPlaces, table, parent_run_id: str 
     from camae.identity import split_identity
     from camae.tracking import flatten, log_split, start_run
 
+    tags = {"camae.kind": "finetune", "camae.mode": cfg.train.mode, "camae.dataset": Path(cfg.data.root).name,
+            "camae.channels": ",".join(cfg.data.channels), "camae.split": split_identity(table),
+            "camae.storage": where.state_dir, **(tags or {})}
     run_id = start_run(where.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.run.name,
-                     flatten(to_dict(cfg)), {"camae.kind": "finetune", "camae.mode": cfg.train.mode,
-                                             "camae.dataset": Path(cfg.data.root).name,
-                                             "camae.channels": ",".join(cfg.data.channels),
-                                             "camae.split": split_identity(table),
-                                             "camae.storage": where.state_dir, **(tags or {})},
-                     parent_run_id=parent_run_id or os.environ.get("CAMAE_PARENT_RUN_ID"))
+                       flatten(to_dict(cfg)), tags,
+                       parent_run_id=parent_run_id or os.environ.get("CAMAE_PARENT_RUN_ID"))
     log_split(where.tracking_uri, run_id, table, Path(cfg.data.root).name, str(cfg.data.root))
     return run_id
 
@@ -235,6 +234,17 @@ def write_summary(where: JobPlaces, summary: dict) -> None:
         mlflow.log_artifact(str(where.run_dir / "summary.json"))
 
 
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("torch", "timm", "safetensors", "numpy")]
+
+
+# The logged model is self-contained: camae's code travels with it (it unpickles camae's classes), and its
+# requirements are stated rather than inferred (MLflow's inference loads the model in a subprocess: ~5 s a model)
+MODEL_REQUIREMENTS, CAMAE_CODE = _requirements(), str(Path(__file__).resolve().parents[1] / "camae")
+
+
 def log_artifacts(cfg: FinetuneConfig, model, where: JobPlaces, run_id: str, summary: dict) -> None:
     """The run's files, the export (and adapter) and, with tracking.log_model, the MLflow model: an MLflow 3
     LoggedModel linked to this run (the runs table's Models column), with the signature and input example of a
@@ -254,9 +264,9 @@ def log_artifacts(cfg: FinetuneConfig, model, where: JobPlaces, run_id: str, sum
         if cfg.tracking.log_model:  # a traced (pt2) model; a batch of 2 keeps the batch size dynamic (1 is static)
             example = np.zeros((2, len(cfg.data.channels), cfg.data.crop_size, cfg.data.crop_size), dtype=np.uint8)
             name = re.sub(r"[/:.%\"']", "_", cfg.tracking.run_name or cfg.run.name)  # what MLflow allows
-            info = mlflow.pytorch.log_model(model.eval(), name=name,
-                                            input_example=example, params={"mode": cfg.train.mode},
-                                            model_type="image-classifier")
+            info = mlflow.pytorch.log_model(model.eval(), name=name, input_example=example,
+                                            params={"mode": cfg.train.mode}, model_type="image-classifier",
+                                            pip_requirements=MODEL_REQUIREMENTS, code_paths=[CAMAE_CODE])
             summary["model_uri"] = info.model_uri
 
 

@@ -52,9 +52,8 @@ log = logging.getLogger("camae.sweep")
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 SHOWN = ["run", "kind", "mode", "correction", "best_epoch", "best/val/accuracy", "test/accuracy",
-         "test/accuracy_ci_low",
-         "test/accuracy_ci_high", "test/chance_accuracy",
-         "test/macro_f1", "test/balanced_accuracy", "test/chance_balanced_accuracy"]
+         "test/accuracy_ci_low", "test/accuracy_ci_high", "test/chance_accuracy", "test/macro_f1",
+         "test/balanced_accuracy", "test/chance_balanced_accuracy"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -353,8 +353,11 @@ def test_finetune_with_two_workers_on_packed_shards(ray_session, packed, plates,
     images = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, format="rxrx1", root=str(plates)))
     (t_packed, labels), (t_images, _) = prepare_dataset(cfg.data), prepare_dataset(images.data)
     model, _ = build_model(cfg, len(labels))
-    assert evaluate_heldout(cfg, model, t_packed, labels, tmp_path) == evaluate_heldout(images, model, t_images,
-                                                                                        labels, tmp_path)
+    from_pack = evaluate_heldout(cfg, model, t_packed, labels, tmp_path)
+    from_images = evaluate_heldout(images, model, t_images, labels, tmp_path)
+    # the same predictions; the mean loss is summed in the order batches arrive, which Ray Data does not fix
+    assert from_pack.pop("test/loss") == pytest.approx(from_images.pop("test/loss"), rel=1e-6)
+    assert from_pack == from_images
 
 
 @pytest.mark.slow
