@@ -185,11 +185,22 @@ class RayNode:
         kill_tree(lambda cmd: self.temp_dir in cmd or any(f"={p} " in cmd or f":{p} " in cmd for p in self.ports))
 
 
-def _node_ports() -> tuple[list[str], list[int]]:
+def _node_ports(taken: set[int]) -> tuple[list[str], list[int]]:
+    """A node's component ports and a worker port range of its own. Neither may hold a port already `taken` (the
+    cluster's other ports and ranges: seen in CI, a GCS port inside the head's worker range made `ray start` refuse),
+    and what is chosen here is added to `taken`."""
     names = ["node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
              "dashboard-agent-grpc-port", "runtime-env-agent-port"]
-    ports = [free_port() for _ in names]
-    low = free_port() // 10 * 10  # a worker port range of its own
+    ports = []
+    while len(ports) < len(names):
+        port = free_port()
+        if port not in taken and port not in ports:
+            ports.append(port)
+    while True:
+        low = free_port() // 10 * 10
+        if not any(low <= port <= low + 40 for port in taken | set(ports)):
+            break
+    taken |= {*ports, *range(low, low + 41)}
     args = [f"--{n}={p}" for n, p in zip(names, ports, strict=True)]
     return [*args, f"--min-worker-port={low}", f"--max-worker-port={low + 40}"], ports
 
@@ -240,14 +251,15 @@ class TwoNodeCluster:
 
 def start_two_node_cluster(head_cpus: int = 4, node2_cpus: int = 3) -> TwoNodeCluster:
     port, dashboard, client = free_port(), free_port(), free_port()
-    args, ports = _node_ports()
+    taken = {port, dashboard, client}
+    args, ports = _node_ports(taken)
     head_temp = tempfile.mkdtemp(prefix="camaeh", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     head_args = ["--head", "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={head_cpus}",
                  f"--temp-dir={head_temp}", "--resources", json.dumps({"head_node": 1, "slot": 1}),
                  "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                  f"--ray-client-server-port={client}", *args]
     head = RayNode(head_temp, head_args, [port, dashboard, client, *ports])
-    args2, ports2 = _node_ports()
+    args2, ports2 = _node_ports(taken)
     temp2 = tempfile.mkdtemp(prefix="camae2", dir="/tmp")
     node2 = RayNode(temp2, [f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", f"--num-cpus={node2_cpus}",
                             f"--temp-dir={temp2}", "--resources", json.dumps({"node2": 1, "slot": 1}), *args2], ports2)
