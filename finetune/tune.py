@@ -60,19 +60,26 @@ SHOWN = ["run", "kind", "mode", "correction", "best_epoch", "best/val/accuracy",
 # The search space: YAML -> Tune distributions, checked against FinetuneConfig first
 
 
+def distribution(spec) -> tuple[str, object] | None:
+    """(kind, arguments) of a search-space entry such as `{loguniform: [1e-4, 1e-2]}`; None for a fixed value."""
+    if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS:
+        return next(iter(spec.items()))
+    return None
+
+
 def parse_space(space: dict) -> dict:
     """{dotted key: ray.tune distribution or fixed value}; errors name the key."""
     from ray import tune
 
     out = {}
     for key, spec in space.items():
-        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):
+        if distribution(spec) is None:
             if isinstance(spec, dict):
                 raise ConfigError(f"sweep.search_space.{key}: give one of {list(DISTRIBUTIONS)} (e.g. "
                                   f"{{loguniform: [1e-4, 1e-2]}}), got {spec}")
             out[key] = spec
             continue
-        kind, args = next(iter(spec.items()))
+        kind, args = distribution(spec)
         if not isinstance(args, list) or not args or (kind not in ("choice", "grid") and len(args) != 2):
             raise ConfigError(f"sweep.search_space.{key}.{kind} needs a list"
                               f"{'' if kind in ('choice', 'grid') else ' [low, high]'}, got {args!r}")
@@ -87,8 +94,8 @@ def candidate_values(space: dict) -> dict[str, list]:
     """Values to validate each key with: every choice, or a range's ends."""
     out = {}
     for key, spec in space.items():
-        if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS:
-            kind, args = next(iter(spec.items()))
+        if distribution(spec) is not None:
+            kind, args = distribution(spec)
             out[key] = list(args) if kind in ("choice", "grid") else [args[0], args[-1] - (kind == "randint")]
         else:
             out[key] = [spec]
@@ -123,14 +130,13 @@ def _compact(value) -> str:
 
 def numbered(space: dict, num_samples: int) -> bool:
     """Whether trial names need their number: several samples, or a sampled (not grid) dimension."""
-    searched = [next(iter(v)) for v in space.values() if isinstance(v, dict) and len(v) == 1
-                and next(iter(v)) in DISTRIBUTIONS]
-    return num_samples > 1 or any(kind != "grid" for kind in searched)
+    searched = [distribution(spec) for spec in space.values()]
+    return num_samples > 1 or any(d is not None and d[0] != "grid" for d in searched)
 
 
 def planned_trials(space: dict, num_samples: int) -> int:
     """Trials the sweep runs: num_samples times each grid combination."""
-    grids = [len(v["grid"]) for v in space.values() if isinstance(v, dict) and list(v) == ["grid"]]
+    grids = [len(d[1]) for d in map(distribution, space.values()) if d is not None and d[0] == "grid"]
     return num_samples * int(np.prod(grids, dtype=int))
 
 
