@@ -35,10 +35,11 @@ def warn_random(cfg) -> None:
                     "work point the config's checkpoint at the downloaded OpenPhenom directory.")
 
 
-def base_model(cfg) -> MAEModel:
+def base_model(cfg, decoder: tuple[int, int, int] | None = None) -> MAEModel:
     """The pretrained model named by `cfg.checkpoint` (an OpenPhenom directory or a camae export), or random
     weights of cfg.embed_dim / depth / num_heads drawn with cfg.seed (the same in every job and process), with a
-    loud warning. `cfg`: an EncoderSpec."""
+    loud warning. `cfg`: an EncoderSpec; `decoder`: (width, depth, heads) of a random model's decoder (default:
+    OpenPhenom's at its dims, else a small one)."""
     if cfg.checkpoint:
         return MAEModel.from_pretrained(cfg.checkpoint, bias_routing=cfg.bias_routing)
     warn_random(cfg)
@@ -47,7 +48,8 @@ def base_model(cfg) -> MAEModel:
     encoder = EncoderConfig(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, init_values=1.0,
                             bias_routing=cfg.bias_routing or "legacy")
     published = (cfg.embed_dim, cfg.depth, cfg.num_heads) == (384, 12, 6)
-    decoder = DecoderConfig() if published else DecoderConfig(embed_dim=32, depth=1, num_heads=2)
+    dims = decoder or ((512, 8, 16) if published else (32, 1, 2))  # (width, depth, heads); OpenPhenom's for its dims
+    decoder = DecoderConfig(embed_dim=dims[0], depth=dims[1], num_heads=dims[2])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return MAEModel(MAEConfig(encoder=encoder, decoder=decoder))

@@ -5,6 +5,8 @@
     camae synth --out DIR [--config F] [--set k=v ...]   write synthetic Cell Painting plates (RxRx1 layout, or
                                                          RxRx3-core's with --set layout=rxrx3_core)
     camae pack --config DATA --out DIR|URI [--set k=v]   pack any layout into Parquet shards (data.format: packed)
+    camae pretrain --config F [--set k=v ...]            continue MAE pretraining on unlabeled plates (= python -m
+                                                         finetune.pretrain); exports in the official format
     camae finetune --config F [--set k=v ...]            fine-tune with Ray Train (= python -m finetune.train)
     camae sweep --config F [--set k=v ...]               Ray Tune sweep of fine-tunes (= python -m finetune.tune)
     camae embed --config F [--set k=v ...]               embed plates into Parquet (Ray Data actor pool)
@@ -160,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-group", type=int, default=32,
                    help="sites per Parquet row group = per decode task when reading (default 32)")
     p.set_defaults(func=pack)
+    sub.add_parser("pretrain", help="continue MAE pretraining with Ray Train: camae pretrain --config F")
     sub.add_parser("finetune", help="fine-tune with Ray Train: camae finetune --config F [--set k=v ...]")
     sub.add_parser("sweep", help="Ray Tune sweep of fine-tunes beside probe baselines: camae sweep --config F")
     sub.add_parser("embed", help="embed plates into Parquet: camae embed --config F [--set k=v ...]")
@@ -173,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # The jobs' own entry points, shared with `ray job submit ... -- python -m <module>`
+    if argv[:1] == ["pretrain"]:
+        from finetune.pretrain import main as pretrain_main
+
+        return pretrain_main(argv[1:])
     if argv[:1] == ["finetune"]:
         from finetune.train import main as finetune_main
 

@@ -68,3 +68,20 @@ def test_embed_benchmark_runs(tmp_path):
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=600)
     (row,) = json.loads((tmp_path / "embed_cpu.json").read_text())["rows"]
     assert row["sites"] == 32 and row["ratio_warm"] > 0
+
+
+def test_pretrain_flops_count_forward_and_backward():
+    """The pretraining FLOP estimate's counter, on a tiny MAE: backward costs about twice the forward, and masking
+    more tokens costs the encoder less."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from pretrain_flops import step_flops
+
+    from camae.cli import TINY_DIMS
+    from camae.model_config import HUB_CONFIG
+
+    config = json.loads(json.dumps(HUB_CONFIG))
+    config["encoder"]["vit_backbone"]["vit_backbone"].update(TINY_DIMS)
+    config["decoder"].update(embed_dim=32, depth=1, num_heads=2)
+    flops = step_flops(0.75, config=config)
+    assert 2.5 < flops["train_step"] / flops["forward"] < 3.5
+    assert step_flops(0.9, config=config)["forward"] < flops["forward"]

@@ -199,6 +199,31 @@ def test_sweep_job_spreads_trials_over_both_nodes(services):
     assert "best_export" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
+def test_pretrain_job_on_two_nodes_exports_the_mae_into_the_bucket(services):
+    """Continued MAE pretraining as users submit it: two DDP workers on two nodes, the held-out loss every epoch
+    on the tracking server (and the untrained one at step 0), checkpoints and the official-format export with its
+    decoder in the bucket."""
+    s = services
+    args = ["python", "-m", "finetune.pretrain", "--config", "configs/cluster/pretrain.yaml", *_sets([
+        *_places(s), f"data.root={s['root'] / 'plates-pretrain'}"])]
+    job = s["cluster"].submit(args, _runtime_env(s))
+    assert job.returncode == 0 and "succeeded" in job.stdout, (job.stdout + job.stderr)[-4000:]
+    assert "held-out reconstruction loss" in job.stdout and "Traceback" not in job.stdout
+
+    client, run = _run(s, "cluster-pretrain")
+    assert run.info.status == "FINISHED" and run.data.tags["camae.kind"] == "pretrain"
+    assert _steps(client, run, "val/loss") == [1, 2] and _steps(client, run, "val/loss_untrained") == [0]
+    assert run.data.metrics["workers"] == 2
+    assert len({run.data.tags["camae.node.rank0"], run.data.tags["camae.node.rank1"]}) == 2
+    keys = s["store"].keys("runs/cluster-pretrain/")
+    assert {"runs/cluster-pretrain/export/config.json", "runs/cluster-pretrain/export/model.safetensors"} <= set(keys)
+    summary = json.loads(s["store"].read_text("runs/cluster-pretrain/summary.json"))
+    assert summary["export_uri"] == f"s3://{BUCKET}/runs/cluster-pretrain/export"
+    assert summary["best/val/loss"] < summary["val/loss_untrained"]
+    assert {"figures/reconstruction_epoch002.png", "figures/missing_golgi_epoch002.png"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+
+
 def test_embedding_job_across_both_nodes_into_the_bucket(services, monkeypatch):
     s = services
     args = ["python", "-m", "camae", "embed", "--config", "configs/cluster/embed.yaml", *_sets([

@@ -6,13 +6,22 @@ from pathlib import Path
 
 import pytest
 
-from camae.config import ConfigError, DataConfig, EvaluateConfig, FinetuneConfig, SweepConfig, load_config
+from camae.config import (
+    ConfigError,
+    DataConfig,
+    EvaluateConfig,
+    FinetuneConfig,
+    PretrainConfig,
+    SweepConfig,
+    load_config,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 KINDS = {"data": DataConfig, "finetune": FinetuneConfig, "evaluate": EvaluateConfig, "tune": SweepConfig,
+         "pretrain": PretrainConfig,
          # configs/cluster/ holds one of each job, by file name
          "cluster/finetune.yaml": FinetuneConfig, "cluster/sweep.yaml": SweepConfig,
-         "cluster/embed.yaml": EvaluateConfig}
+         "cluster/embed.yaml": EvaluateConfig, "cluster/pretrain.yaml": PretrainConfig}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
@@ -34,7 +43,7 @@ def test_overrides_apply_and_parse_yaml():
     assert cfg.channels == ["nuclei", "mito"] and cfg.seed == 3
 
 
-@pytest.mark.parametrize("kind", ["finetune", "tune", "evaluate"])
+@pytest.mark.parametrize("kind", ["finetune", "tune", "evaluate", "pretrain"])
 def test_jobs_without_config_run_their_quickstart_and_say_so(kind, monkeypatch, tmp_path, capsys):
     """`camae finetune` with no --config is the quickstart (said aloud), never the full-size defaults; outside the
     repository it is one clear error."""
