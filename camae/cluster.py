@@ -22,7 +22,12 @@ def connect() -> None:
     Quiet unless --verbose (camae.console): workers' and actors' output stays in the session's log files. A local
     cluster's processes are told its dashboard (RAY_API_SERVER_ADDRESS): Ray Train's PlacementGroupCleaner asks the
     state API whether its controller lives, and without an address that API looks for "the" local cluster and
-    fails with a traceback ("Found multiple active Ray instances") whenever another one runs on the machine."""
+    fails with a traceback ("Found multiple active Ray instances") whenever another one runs on the machine.
+
+    Ray Train workers and Tune trials stay in the job's working directory (RAY_CHDIR_TO_TRIAL_DIR=0, which Tune
+    hands on to its trials): by default each changes into a scratch directory of its own, and a relative path in
+    a config (the quickstart's `models/quickstart-mae`) would then name nothing. Relative paths mean the same
+    everywhere: the repository locally, the unpacked `--working-dir` under `ray job submit`."""
     import logging
 
     import ray
@@ -30,6 +35,7 @@ def connect() -> None:
 
     from camae.console import quiet_ray_data, verbose
 
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # read where trainers and trials are made
     if ray.is_initialized():
         return
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED)}
