@@ -22,9 +22,9 @@ from camae.data import TRAIN_COLUMNS, LabelMap, build_dataset, read_table
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "finetune" / "quickstart.yaml"
-TINY = ["model.encoder.embed_dim=32", "model.encoder.depth=2", "model.encoder.num_heads=2",
-        "data.channels=[nuclei, er, mito]",
-        "synth.effect_size=4", "synth.classes=2", "train.lr=3e-3", "tracking.log_model=false"]
+TINY = ["model.encoder.checkpoint=null", "model.encoder.embed_dim=32", "model.encoder.depth=2",
+        "model.encoder.num_heads=2", "data.channels=[nuclei, er, mito]", "synth.effect_size=4", "synth.classes=2",
+        "train.lr=3e-3", "tracking.log_model=false"]
 
 
 def config(tmp: Path, data: Path, *overrides: str) -> FinetuneConfig:

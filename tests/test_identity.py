@@ -17,7 +17,8 @@ QUICKSTART = REPO / "configs" / "evaluate" / "quickstart.yaml"
 
 
 def key(*overrides: str, split: str = "s1") -> str:
-    return baseline_key(load_config(EvaluateConfig, QUICKSTART, list(overrides)), split)
+    """The baseline key of the quickstart evaluation on random weights (whose seed counts), with overrides."""
+    return baseline_key(load_config(EvaluateConfig, QUICKSTART, ["embed.encoder.checkpoint=null", *overrides]), split)
 
 
 def test_baseline_key_was_shared_by_two_datasets():

@@ -327,7 +327,8 @@ def test_pack_cli_prints_its_result(plates, tmp_path):
 # --- every job on packed shards ----------------------------------------------------------------------------------
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.encoder.embed_dim=32", "model.encoder.depth=2", "model.encoder.num_heads=2", "tracking.log_model=false"]
+TINY = ["model.encoder.checkpoint=null", "model.encoder.embed_dim=32", "model.encoder.depth=2",
+        "model.encoder.num_heads=2", "tracking.log_model=false"]
 
 
 @pytest.mark.slow
