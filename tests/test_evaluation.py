@@ -193,8 +193,8 @@ def test_probe_metrics_use_finetuning_names(kind):
 # The embedding pass and the job
 
 
-SMALL = ["synth.experiments=1", "synth.plates_per_experiment=4", "synth.wells_per_plate=14",
-         "synth.controls_per_plate=4", "synth.sites_per_well=1", "synth.effect_size=3",
+SMALL = ["embed.encoder.checkpoint=null", "synth.experiments=1", "synth.plates_per_experiment=4",
+         "synth.wells_per_plate=14", "synth.controls_per_plate=4", "synth.sites_per_well=1", "synth.effect_size=3",
          "data.channels=[nuclei, er, mito]", "embed.sites_per_file=10", "biology.null_size=500"]
 
 

@@ -373,6 +373,7 @@ def test_evaluate_on_packed_shards_equals_the_images(ray_session, packed, plates
     for name, data in (("images", ["data.format=rxrx1", f"data.root={plates}"]),
                        ("packed", ["data.format=packed", f"data.root={packed}"])):
         sets = [*data, "synth=null", f"run.name={name}", f"run.output_dir={tmp_path}", "probes.kinds=[logistic]",
+                "embed.encoder.checkpoint=null",
                 "probes.per_block=false", "biology.null_size=200", "biology.channel_leave_one_out=false",
                 "correction.methods=[raw, pca_centerscale, tvn]"]
         assert main(["--config", str(REPO / "configs/evaluate/quickstart.yaml"), *[a for s in sets
