@@ -27,6 +27,7 @@ from finetune.worker import (
     _write_checkpoint,
     autocast,
     prune_local_checkpoints,
+    resume,
     unwrap,
 )
 
@@ -239,7 +240,6 @@ def pretrain_fn_per_worker(config: dict) -> None:
     from ray.train import Checkpoint
 
     from camae.tracking import MetricBuffer
-    from finetune.worker import CKPT_STATE
 
     cfg = from_dict(PretrainConfig, config["cfg"])
     ctx = ray.train.get_context()
@@ -249,15 +249,7 @@ def pretrain_fn_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if world > 1 or cfg.run.use_gpu else torch.device("cpu")
     model = MAETrainer(build_mae(cfg))
     optimizer, scheduler = build_optimizer(model, cfg)
-    start_epoch, step = 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / CKPT_STATE, map_location="cpu", weights_only=True)
-        model.mae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
+    start_epoch, step = resume(model.mae, optimizer, scheduler)  # checkpoints hold the MAEModel's state
     _tag_placement(config, rank, world, start_epoch)
     # the encoder's final norm is not on the MAE path (as in the official model): DDP must not wait for it
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True}) \

@@ -175,17 +175,9 @@ def train_fn_per_worker(config: dict) -> None:
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed-shape crops: let cuDNN pick its fastest convs
     model, _ = build_model(cfg, len(config["labels"]))
     optimizer, scheduler = build_optimizer(model, cfg)
-    start_epoch, step = 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / CKPT_STATE, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        if rank == 0:
-            log.info("resuming after epoch %d (%d workers)", state["epoch"] + 1, world)
+    start_epoch, step = resume(model, optimizer, scheduler)
+    if start_epoch and rank == 0:
+        log.info("resuming after epoch %d (%d workers)", start_epoch, world)
     _tag_placement(config, rank, world, start_epoch)
     model = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
     train_shard = ray.train.get_dataset_shard("train")
@@ -280,6 +272,22 @@ def _tag_placement(config: dict, rank: int, world: int, start_epoch: int) -> Non
             client.set_tag(config["run_id"], f"camae.workers.from_epoch{start_epoch + 1}", str(world))
     except Exception as err:  # noqa: BLE001 -- a tracking outage must not stop training; metrics are buffered
         log.warning("could not tag the MLflow run with this worker's node (%s)", err)
+
+
+def resume(model, optimizer, scheduler) -> tuple[int, int]:
+    """Load Ray Train's checkpoint of this run, if any (what `_write_checkpoint` wrote), into the model, optimizer
+    and schedule; returns (first epoch to run, optimizer steps so far), (0, 0) on a fresh start."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return 0, 0
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / CKPT_STATE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["epoch"] + 1, state["step"]
 
 
 def _write_checkpoint(base: Path, model, optimizer, scheduler, epoch: int, step: int, metrics: dict,
